@@ -1,0 +1,78 @@
+"""Decoder-only LMs in Flax NNX, loaded from Hugging Face checkpoints.
+
+```python
+from selfaug_jax.models import load_pretrained
+model = load_pretrained("path/to/hf_dir", dtype=jnp.float32)   # or "smollm2-135m-instruct", or a .gguf file
+logits_btv = model(input_ids_bt, attention_mask=mask_bt)       # float32 [B, T, V]
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from selfaug_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
+from selfaug_jax.models.decoder import REMAT_POLICIES, DecoderLM, LoRAParam, default_positions
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A Hugging Face model directory for a name, directory or ``.gguf`` file.
+
+    ``"smollm2-135m-instruct"`` (the default model) and ``.gguf`` files are converted once into the cache
+    (``$SELFAUG_JAX_CACHE``, default ``~/.cache/selfaug_jax``); directories are returned as they are.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from selfaug_jax.checkpoints.default_model import resolve_model_path
+
+    return Path(resolve_model_path(name_or_path))
+
+
+def load_pretrained(
+    name_or_path: str | Path = DEFAULT_MODEL,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any | None = None,
+    remat_policy: str = "none",
+) -> DecoderLM:
+    """Load a model from an HF directory (``config.json`` + safetensors), a GGUF file or the default name.
+
+    Args:
+        name_or_path: HF directory, ``.gguf`` file (llama architecture) or ``"smollm2-135m-instruct"``.
+        dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); logits are always float32.
+        param_dtype: parameter storage dtype; defaults to ``dtype``.
+        remat_policy: per-layer gradient checkpointing ("none", "full", "dots", "dots_saveable").
+    """
+    from selfaug_jax.checkpoints.hf import load_hf_model
+
+    return load_hf_model(
+        resolve_model_dir(name_or_path), dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy
+    )
+
+
+def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL):
+    """The Hugging Face tokenizer (with chat template) of a model directory / name / GGUF file."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(name_or_path)))
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DecoderLM",
+    "LoRAParam",
+    "ModelConfig",
+    "REMAT_POLICIES",
+    "SUPPORTED_MODEL_TYPES",
+    "UnsupportedModelError",
+    "default_positions",
+    "load_pretrained",
+    "load_tokenizer",
+    "resolve_model_dir",
+]

@@ -1,0 +1,99 @@
+"""Rotary embeddings, attention masks and grouped-query attention.
+
+Everything here is a pure function of arrays, shared by training (full sequences, optional packing) and
+generation (a KV cache). Shapes: ``b`` batch, ``t`` query length, ``s`` key length, ``h`` query heads,
+``k`` key/value heads, ``g`` = h / k query heads per kv head, ``d`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Fill value for masked scores: finite, so a fully masked row (a padding query) gives a uniform softmax, not NaN.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> jnp.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float32) with optional linear / llama3 scaling.
+
+    The llama3 rule follows transformers' ``_compute_llama3_parameters`` (Meta's Llama 3.1 release): wavelengths
+    longer than ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``, shorter than
+    ``.../high_freq_factor`` are kept, and the band in between is interpolated smoothly.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low = float(scaling["low_freq_factor"])
+        high = float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2.0 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def rope_cos_sin(positions_bt: jnp.ndarray, inv_freq_f: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``cos``/``sin`` tables ``[b, t, head_dim]`` (float32, halves duplicated as in HF's rotate-half layout)."""
+    angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
+    angles_btd = jnp.concatenate([angles_btf, angles_btf], axis=-1)
+    return jnp.cos(angles_btd), jnp.sin(angles_btd)
+
+
+def apply_rope(x_bthd: jnp.ndarray, cos_btd: jnp.ndarray, sin_btd: jnp.ndarray) -> jnp.ndarray:
+    """Rotate ``x`` (``[b, t, heads, d]``) by position, HF "rotate_half" convention (not interleaved)."""
+    half = x_bthd.shape[-1] // 2
+    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos = cos_btd[:, :, None, :].astype(x_bthd.dtype)
+    sin = sin_btd[:, :, None, :].astype(x_bthd.dtype)
+    return x_bthd * cos + rotated * sin
+
+
+def make_attention_mask(
+    q_index_bt: jnp.ndarray,
+    kv_index_bs: jnp.ndarray,
+    kv_valid_bs: jnp.ndarray,
+    q_segment_bt: jnp.ndarray | None = None,
+    kv_segment_bs: jnp.ndarray | None = None,
+    sliding_window: int | None = None,
+) -> jnp.ndarray:
+    """Boolean mask ``[b, t, s]``: True where query t may attend key s.
+
+    Causality is by *index in the sequence/cache* (not by RoPE position), keys must be valid (not padding), the
+    same packed segment when segment ids are given, and within ``sliding_window`` (HF: ``q - kv < window``).
+    """
+    mask = kv_index_bs[:, None, :] <= q_index_bt[:, :, None]
+    mask &= kv_valid_bs[:, None, :].astype(bool)
+    if q_segment_bt is not None and kv_segment_bs is not None:
+        mask &= q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]
+    if sliding_window is not None:
+        mask &= (q_index_bt[:, :, None] - kv_index_bs[:, None, :]) < sliding_window
+    return mask
+
+
+def grouped_query_attention(
+    q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray, mask_bts: jnp.ndarray
+) -> jnp.ndarray:
+    """Softmax attention with GQA; scores and softmax in float32. Returns ``[b, t, h, d]`` in q's dtype."""
+    b, t, h, d = q_bthd.shape
+    k_heads = k_bskd.shape[2]
+    q_btkgd = q_bthd.reshape(b, t, k_heads, h // k_heads, d)
+    scores_bkgts = jnp.einsum(
+        "btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32
+    ) * (1.0 / math.sqrt(d))
+    scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, _MASK_VALUE)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskd.dtype)
+    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts, v_bskd, preferred_element_type=jnp.float32)
+    return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)

@@ -1,0 +1,372 @@
+"""Flax NNX decoder-only transformer covering Llama (2/3/3.1, SmolLM, TinyLlama), Mistral, Qwen2/2.5 and Qwen3.
+
+The module computes what the Hugging Face PyTorch classes compute (see ``tests/test_models_parity.py``).
+Parameters are ``nnx.Param`` (kernels ``[in, out]``); LoRA adapters, when added by :mod:`selfaug_jax.lora`, are
+``LoRAParam`` variables inside the same :class:`Linear` modules, so ``nnx.split(model, LoRAParam, nnx.Param)``
+separates the trainable adapters from the frozen base.
+
+The final hidden states are available separately from the LM head (:meth:`DecoderLM.hidden_states`,
+:meth:`DecoderLM.lm_head_weight`) so a loss can project onto the vocabulary in chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from selfaug_jax.models.attention import (
+    apply_rope,
+    grouped_query_attention,
+    make_attention_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from selfaug_jax.models.config import ModelConfig
+
+# Remat (gradient checkpointing) policies per decoder layer, by name.
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+KVCache = list[tuple[jnp.ndarray, jnp.ndarray]]  # per layer: (k [b, s, k, d], v [b, s, k, d])
+
+
+class LoRAParam(nnx.Variable):
+    """A LoRA adapter weight: a separate variable type so adapters split apart from the frozen base."""
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with an optional LoRA update ``(dropout(x) @ lora_a @ lora_b) * lora_scale``.
+
+    ``kernel`` is ``[in, out]``. Params are stored in ``param_dtype`` and cast to the compute ``dtype``; the
+    matmul accumulates in float32.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        init = nnx.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        # Set by selfaug_jax.lora.add_lora; static python values otherwise.
+        self.lora_a: LoRAParam | None = None
+        self.lora_b: LoRAParam | None = None
+        self.lora_scale: float = 0.0
+        self.lora_dropout: float = 0.0
+
+    def __call__(self, x: jnp.ndarray, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        if self.lora_a is not None:
+            x_lora = x
+            if self.lora_dropout > 0.0 and dropout_rng is not None:
+                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
+                x_lora = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
+            a = self.lora_a[...].astype(self.dtype)
+            b = self.lora_b[...].astype(self.dtype)
+            xa = jnp.dot(x_lora, a, preferred_element_type=jnp.float32).astype(self.dtype)
+            y = y + jnp.dot(xa, b, preferred_element_type=jnp.float32) * self.lora_scale
+        return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[V, D]``."""
+
+    def __init__(self, vocab_size: int, features: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, features), param_dtype))
+
+    def __call__(self, ids_bt: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(self.embedding[...], ids_bt, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """HF ``LlamaRMSNorm``: normalise in float32, cast back to the input dtype, then scale."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype: Any):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k/v/o bias and optional per-head q/k RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        h, k = cfg.num_attention_heads, cfg.num_key_value_heads
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
+        self.q_proj = Linear(d, h * hd, use_bias=cfg.q_bias, **kw)
+        self.k_proj = Linear(d, k * hd, use_bias=cfg.k_bias, **kw)
+        self.v_proj = Linear(d, k * hd, use_bias=cfg.v_bias, **kw)
+        self.o_proj = Linear(h * hd, d, use_bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+
+    def __call__(
+        self,
+        x_btd: jnp.ndarray,
+        cos_btd: jnp.ndarray,
+        sin_btd: jnp.ndarray,
+        mask_bts: jnp.ndarray,
+        kv_cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+        cache_index: jnp.ndarray | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray] | None]:
+        b, t, _ = x_btd.shape
+        rngs = _split_rng(dropout_rng, 4)
+        q_bthd = self.q_proj(x_btd, rngs[0]).reshape(b, t, self.num_heads, self.head_dim)
+        k_btkd = self.k_proj(x_btd, rngs[1]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_btkd = self.v_proj(x_btd, rngs[2]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_bthd = self.q_norm(q_bthd)
+            k_btkd = self.k_norm(k_btkd)
+        q_bthd = apply_rope(q_bthd, cos_btd, sin_btd)
+        k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
+        new_cache = None
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            start = (0, cache_index, 0, 0)
+            k_btkd = jax.lax.dynamic_update_slice(cache_k, k_btkd.astype(cache_k.dtype), start)
+            v_btkd = jax.lax.dynamic_update_slice(cache_v, v_btkd.astype(cache_v.dtype), start)
+            new_cache = (k_btkd, v_btkd)
+        out_bthd = grouped_query_attention(q_bthd, k_btkd, v_btkd, mask_bts)
+        return self.o_proj(out_bthd.reshape(b, t, -1), rngs[3]), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def __call__(self, x_btd: jnp.ndarray, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        rngs = _split_rng(dropout_rng, 3)
+        hidden_btf = jax.nn.silu(self.gate_proj(x_btd, rngs[0])) * self.up_proj(x_btd, rngs[1])
+        return self.down_proj(hidden_btf, rngs[2])
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_index=None, dropout_rng=None):
+        attn_rng, mlp_rng = _split_rng(dropout_rng, 2)
+        attn_out, new_cache = self.self_attn(
+            self.input_layernorm(x_btd), cos_btd, sin_btd, mask_bts, kv_cache, cache_index, attn_rng
+        )
+        h_btd = x_btd + attn_out
+        return h_btd + self.mlp(self.post_attention_layernorm(h_btd), mlp_rng), new_cache
+
+
+class DecoderLM(nnx.Module):
+    """Decoder-only causal LM. See ``docs/ARCHITECTURE.md`` for the parameter layout.
+
+    Args:
+        config: the model hyper-parameters.
+        dtype: compute dtype (activations, matmul inputs). Logits are always float32.
+        param_dtype: storage dtype of the parameters (e.g. float32 master weights with bfloat16 compute).
+        remat_policy: one of ``REMAT_POLICIES`` ("none", "full", "dots", "dots_saveable"); applied per layer.
+        rngs: initialisation randomness (weights are normally overwritten by a checkpoint).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat_policy: str = "none",
+        rngs: nnx.Rngs | None = None,
+    ):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.remat_policy = remat_policy
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(config, i, **kw) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, **kw)
+
+    # ------------------------------------------------------------------ public API
+    def lm_head_weight(self) -> jnp.ndarray:
+        """The output projection ``[D, V]`` (the transposed embedding table when embeddings are tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def hidden_states(
+        self,
+        input_ids_bt: jnp.ndarray,
+        *,
+        attention_mask: jnp.ndarray | None = None,
+        positions: jnp.ndarray | None = None,
+        segment_ids: jnp.ndarray | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jnp.ndarray:
+        """Final hidden states ``[b, t, D]`` (after the last RMSNorm), in the compute dtype.
+
+        Args:
+            input_ids_bt: token ids ``[b, t]``.
+            attention_mask: ``[b, t]``, 1 for real tokens, 0 for padding (left or right). Default: all ones.
+            positions: RoPE positions ``[b, t]``. Default: ``cumsum(mask) - 1`` (restarting per segment).
+            segment_ids: ``[b, t]`` packed-example ids (0 = padding); attention stays within a segment.
+            dropout_rng: enables LoRA dropout when given.
+        """
+        b, t = input_ids_bt.shape
+        if attention_mask is None:
+            attention_mask = (segment_ids > 0) if segment_ids is not None else jnp.ones((b, t), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask, segment_ids)
+        index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        masks = self._layer_masks(index_bt, index_bt, attention_mask, segment_ids, segment_ids)
+        x_btd, _ = self._run_layers(self.embed_tokens(input_ids_bt), positions, masks, None, None, dropout_rng)
+        return self.norm(x_btd)
+
+    def __call__(
+        self,
+        input_ids_bt: jnp.ndarray,
+        attention_mask: jnp.ndarray | None = None,
+        positions: jnp.ndarray | None = None,
+        segment_ids: jnp.ndarray | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jnp.ndarray:
+        """Float32 logits ``[b, t, V]``. Same arguments as :meth:`hidden_states`."""
+        hidden_btd = self.hidden_states(
+            input_ids_bt,
+            attention_mask=attention_mask,
+            positions=positions,
+            segment_ids=segment_ids,
+            dropout_rng=dropout_rng,
+        )
+        return self.project(hidden_btd)
+
+    def project(self, hidden_btd: jnp.ndarray) -> jnp.ndarray:
+        """Project hidden states onto the vocabulary: float32 logits."""
+        head_dv = self.lm_head_weight().astype(hidden_btd.dtype)
+        return jnp.dot(hidden_btd, head_dv, preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------ KV-cache decoding
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any | None = None) -> KVCache:
+        """Zeroed KV cache: per layer ``(k, v)`` of shape ``[batch, max_length, kv_heads, head_dim]``."""
+        cfg = self.config
+        shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = dtype or self.dtype
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
+
+    def decode(
+        self,
+        input_ids_bt: jnp.ndarray,
+        positions_bt: jnp.ndarray,
+        kv_valid_bs: jnp.ndarray,
+        cache: KVCache,
+        cache_index: jnp.ndarray,
+    ) -> tuple[jnp.ndarray, KVCache]:
+        """Run ``t`` new tokens written at ``cache_index`` of the cache; returns (float32 logits ``[b, t, V]``, cache).
+
+        ``kv_valid_bs`` marks which cache slots hold real tokens (left padding of the prompt is 0); slots at or
+        beyond ``cache_index + t`` are excluded by causality.
+        """
+        b, t = input_ids_bt.shape
+        s = cache[0][0].shape[1]
+        q_index_bt = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_index_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        masks = self._layer_masks(q_index_bt, kv_index_bs, kv_valid_bs, None, None)
+        x_btd, new_cache = self._run_layers(
+            self.embed_tokens(input_ids_bt), positions_bt, masks, cache, cache_index, None
+        )
+        return self.project(self.norm(x_btd)), new_cache
+
+    # ------------------------------------------------------------------ internals
+    def _layer_masks(self, q_index, kv_index, kv_valid, q_seg, kv_seg) -> list[jnp.ndarray]:
+        windows = self.config.sliding_windows or (None,) * self.config.num_hidden_layers
+        cache: dict[int | None, jnp.ndarray] = {}
+        for w in windows:
+            if w not in cache:
+                cache[w] = make_attention_mask(q_index, kv_index, kv_valid, q_seg, kv_seg, w)
+        return [cache[w] for w in windows]
+
+    def _run_layers(self, x_btd, positions_bt, masks, cache, cache_index, dropout_rng):
+        cfg = self.config
+        cos_btd, sin_btd = rope_cos_sin(positions_bt, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        policy = REMAT_POLICIES[self.remat_policy]
+        new_cache: KVCache = []
+        for i, layer in enumerate(self.layers):
+            layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            layer_cache = None if cache is None else cache[i]
+            if self.remat_policy != "none" and cache is None:
+                graphdef, state = nnx.split(layer)
+
+                def run(state, x, cos, sin, mask, rng, graphdef=graphdef):
+                    return nnx.merge(graphdef, state)(x, cos, sin, mask, None, None, rng)[0]
+
+                x_btd = jax.checkpoint(run, policy=policy)(state, x_btd, cos_btd, sin_btd, masks[i], layer_rng)
+            else:
+                x_btd, c = layer(x_btd, cos_btd, sin_btd, masks[i], layer_cache, cache_index, layer_rng)
+                new_cache.append(c)
+        return x_btd, (new_cache if cache is not None else None)
+
+
+def default_positions(attention_mask_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray | None = None) -> jnp.ndarray:
+    """RoPE positions: count of real tokens before each token (so left padding starts at 0).
+
+    With ``segment_ids`` the count restarts at every new segment of a packed row.
+    """
+    mask = attention_mask_bt.astype(jnp.int32)
+    pos = jnp.cumsum(mask, axis=-1) - 1
+    if segment_ids_bt is not None:
+        seg = segment_ids_bt.astype(jnp.int32)
+        t = seg.shape[-1]
+        is_start = jnp.concatenate([jnp.ones_like(seg[:, :1]), (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)], -1)
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), seg.shape)
+        start_idx = jax.lax.cummax(jnp.where(is_start > 0, idx, 0), axis=1)
+        pos = idx - start_idx
+    return jnp.maximum(pos, 0).astype(jnp.int32)
+
+
+def _split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    if rng is None:
+        return [None] * n
+    return [jax.random.fold_in(rng, i) for i in range(n)]
