@@ -1,0 +1,134 @@
+"""PNG plots for :mod:`selfaug_jax.eval.report` (matplotlib, Agg backend, no display needed).
+
+Each function returns the written path, or ``None`` when its data is absent (the caller lists it as skipped).
+Methods keep one colour across all plots (tab10, by their position in the report's method order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_curves", "plot_shift_vs_ifeval", "plot_comparison"]
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _color(method: str, order: Sequence[str]) -> Any:
+    """Colour by position in ``order`` (callers append methods missing from it, so colours are stable)."""
+    return plt.get_cmap("tab10")(list(order).index(method) % 10)
+
+
+def _series(records: Sequence[Mapping[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    pts = [(float(r[x_key]), float(r[y_key])) for r in records if _num(r.get(x_key)) and _num(r.get(y_key))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                order: Sequence[str] = (), label: Callable[[str], str] = str) -> Path | None:
+    """``curves.png``: CE (falls back to ``loss``) and KL vs step, one line per method; KL panel only if logged."""
+    order = list(order) + [m for m in curves if m not in order]
+    methods = [m for m in order if m in curves]
+    ce = {m: _series(curves[m], "step", "ce") for m in methods}
+    ce = {m: xy if xy[0] else _series(curves[m], "step", "loss") for m, xy in ce.items()}
+    kl = {m: _series(curves[m], "step", "kl") for m in methods}
+    ce = {m: xy for m, xy in ce.items() if xy[0]}
+    kl = {m: xy for m, xy in kl.items() if xy[0]}
+    if not ce and not kl:
+        return None
+    panels = [("CE (response tokens)", ce)] * bool(ce) + [("KL(p_orig || p_ft) on prompt tokens", kl)] * bool(kl)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, data) in zip(axes[0], panels):
+        for m, (x, y) in data.items():
+            ax.plot(x, y, label=label(m), color=_color(m, order), lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_shift_vs_ifeval(
+    evals: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    order: Sequence[str] = (),
+    *,
+    shift_key: str = "shift_general_input",
+    ifeval_key: str = "ifeval_prompt_strict",
+    ifeval_scale: float = 100.0,
+    label: Callable[[str], str] = str,
+) -> Path | None:
+    """``shift_vs_ifeval.png`` (paper Fig. 2): left, distribution shift over training; right, IFEval accuracy.
+
+    The x axis is ``epoch`` when every record has one, else ``step``. Returns ``None`` if neither series exists.
+    """
+    order = list(order) + [m for m in evals if m not in order]
+    methods = [m for m in order if m in evals]
+    records = [r for m in methods for r in evals[m]]
+    if not records:
+        return None
+    x_key = "epoch" if all(_num(r.get("epoch")) for r in records) else "step"
+    shift = {m: _series(evals[m], x_key, shift_key) for m in methods}
+    ife = {m: _series(evals[m], x_key, ifeval_key) for m in methods}
+    shift = {m: xy for m, xy in shift.items() if xy[0]}
+    ife = {m: (xy[0], [v * ifeval_scale for v in xy[1]]) for m, xy in ife.items() if xy[0]}
+    if not shift and not ife:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, data, title in ((axes[0], shift, f"Distribution shift ({shift_key}, nats)"),
+                            (axes[1], ife, f"IFEval ({ifeval_key})")):
+        for m, (x, y) in data.items():
+            ax.plot(x, y, marker="o", label=label(m), color=_color(m, order), lw=1.5)
+        ax.set_xlabel(x_key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if data:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, Path(path))
+
+
+def plot_comparison(table: Mapping[str, Any], path: str | Path,
+                    label: Callable[[str], str] = str) -> Path | None:
+    """``comparison.png``: one small panel per metric (own y scale), one bar per method, shown values."""
+    methods = table["methods"]
+    rows = [r for r in table["rows"] if any(r["values"][m] is not None for m in methods)]
+    avg = table["average"]
+    if any(v is not None for v in avg["values"].values()):
+        rows.append({"label": "Average", "higher_is_better": True, "values": avg["values"]})
+    if not rows or not methods:
+        return None
+    ncols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        vals = [row["values"][m] for m in methods]
+        heights = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
+        bars = ax.bar(range(len(methods)), heights, color=[_color(m, methods) for m in methods])
+        for bar, v in zip(bars, vals):
+            if v is None:
+                bar.set_hatch("//")
+                bar.set_alpha(0.3)
+        ax.set_xticks(range(len(methods)), [label(m) for m in methods], rotation=30, fontsize=8)
+        ax.set_title(f"{row['label']} {'↑' if row['higher_is_better'] else '↓'}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    return _save(fig, Path(path))
