@@ -303,11 +303,14 @@ class DecoderLM(nnx.Module):
         kv_valid_bs: jnp.ndarray,
         cache: KVCache,
         cache_index: jnp.ndarray,
+        *,
+        last_only: bool = False,
     ) -> tuple[jnp.ndarray, KVCache]:
         """Run ``t`` new tokens written at ``cache_index`` of the cache; returns (float32 logits ``[b, t, V]``, cache).
 
         ``kv_valid_bs`` marks which cache slots hold real tokens (left padding of the prompt is 0); slots at or
-        beyond ``cache_index + t`` are excluded by causality.
+        beyond ``cache_index + t`` are excluded by causality. ``last_only`` projects only the last position onto
+        the vocabulary (a prefill needs nothing else), returning logits ``[b, 1, V]``.
         """
         b, t = input_ids_bt.shape
         s = cache[0][0].shape[1]
@@ -317,6 +320,8 @@ class DecoderLM(nnx.Module):
         x_btd, new_cache = self._run_layers(
             self.embed_tokens(input_ids_bt), positions_bt, masks, cache, cache_index, None
         )
+        if last_only:
+            x_btd = x_btd[:, -1:]
         return self.project(self.norm(x_btd)), new_cache
 
     # ------------------------------------------------------------------ internals
