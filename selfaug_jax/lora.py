@@ -76,7 +76,7 @@ def add_lora(model: DecoderLM, config: LoRAConfig, rngs: nnx.Rngs | None = None)
     for _, linear in targets:
         if linear.lora_a is not None:
             raise ValueError("the model already has LoRA adapters")
-        param_dtype = linear.kernel[...].dtype
+        param_dtype = jnp.float32  # adapters are master weights: float32 even over a bf16 frozen base
         bound = 1.0 / math.sqrt(linear.in_features)
         a = jax.random.uniform(rngs.params(), (linear.in_features, config.rank), jnp.float32, -bound, bound)
         linear.lora_a = nnx.data(LoRAParam(a.astype(param_dtype)))

@@ -32,10 +32,16 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_hf_model(name: str, out_dir: Path, seed: int = 0, dtype=torch.float32):
-    """Create, randomise (biases and norms too) and ``save_pretrained`` a tiny HF model; returns it (eval mode)."""
+def make_tiny_hf_model(name: str, out_dir: Path, seed: int = 0, dtype=torch.float32, init_std: float | None = None):
+    """Create, randomise (biases and norms too) and ``save_pretrained`` a tiny HF model; returns it (eval mode).
+
+    ``init_std`` overrides HF's ``initializer_range`` (0.02): larger embeddings let a tied head reach confident
+    logits through the final RMSNorm, which a LoRA-only fit (embeddings frozen) needs to overfit a batch.
+    """
     cls_name, extra = TINY_CONFIGS[name]
     config = getattr(transformers, cls_name)(**TINY, **extra)
+    if init_std is not None:
+        config.initializer_range = init_std
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

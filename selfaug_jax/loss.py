@@ -1,0 +1,584 @@
+"""The SelfAug objective: SFT cross-entropy + alignment of the prompt-token logits to the original model.
+
+SelfAug (arXiv 2509.03934) fine-tunes with LoRA and adds a KL term that keeps the fine-tuned ("policy") model's
+next-token distributions on the *input* (prompt) tokens close to those of the original ("reference") model. This
+module reproduces the released implementation (USTC-StarTeam/SelfAug, ``Code/modeling_qwen2.py``) exactly:
+
+* **Labels** follow the Hugging Face convention: ``-100`` marks positions without a target. Prompt tokens (system
+  prompt, chat template, retrieved documents, question, assistant header) and padding are ``-100``; response
+  tokens and the end-of-turn token keep their ids.
+* **CE** is the standard HF causal-LM loss, ``logits[:, :-1]`` against ``labels[:, 1:]``, averaged over all targets
+  ``!= -100`` of the micro-batch (pooled, not per sequence).
+* **KL** is taken at the *unshifted* positions ``t`` with ``labels[t] == -100``, using the logits at ``t`` (which
+  predict ``t + 1``): ``KL(p_ref || p_policy) = sum_v p_ref (log p_ref - log p_policy)`` over the full vocabulary at
+  temperature 1, averaged over the selected positions pooled over the micro-batch (torch ``KLDivLoss('batchmean')``
+  applied to the selected rows). The last prompt position is therefore in both CE and KL, and ``-100``-labelled
+  padding is aligned too (the released code ignores ``attention_mask``). Both logit tensors are upcast to float32
+  (float64 inputs under ``jax_enable_x64`` stay float64) and ``p_ref`` carries no gradient.
+* **total** = ``CE + alpha * KL`` with ``alpha = 0.5`` (hard-coded in the released code; the paper recommends
+  0.3 to 0.5).
+
+Options beyond the released code (the defaults above are unchanged by them):
+
+* ``direction="reverse"``: ``KL(p_policy || p_ref)``, the direction the paper's text writes.
+* ``direction="jsd"`` with ``beta``: the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024,
+  arXiv 2306.13649, eq. 1), with the convention of TRL's ``GKDTrainer.generalized_jsd_loss``:
+  ``JSD_beta = beta * KL(p_ref || M) + (1 - beta) * KL(p_policy || M)`` with ``M = beta * p_ref + (1 - beta) *
+  p_policy``; ``beta = 0`` is exactly the forward KL and ``beta = 1`` exactly the reverse KL (for ``0 < beta < 1``
+  the value is a JSD, which shrinks like ``beta * KL`` near the ends, so the endpoints are special-cased as in TRL).
+* ``temperature``: both distributions of the alignment term are ``softmax(logits / temperature)`` (no ``T**2``
+  rescaling; the CE term always uses the raw logits).
+* ``align``: which positions are aligned: ``"prompt"`` (labels == -100, the default), ``"prompt_without_padding"``
+  (also requires ``attention_mask_bt == 1``) or ``"all"`` (every position). ``include_padding=False`` removes
+  ``attention_mask_bt == 0`` positions from any choice.
+
+A batch with no target (or no aligned) position gives 0 for that term, never NaN; ``aux`` reports the counts.
+
+Two implementations with the same values and gradients:
+
+* :func:`selfaug_loss` (and :func:`sft_loss`, :func:`selfaug_kl`) take materialised ``[B, T, V]`` logits.
+* :func:`selfaug_loss_from_hidden` takes final hidden states and the LM-head weight(s) and never materialises
+  ``[B, T, V]``: a ``lax.scan`` over token chunks projects both heads per chunk and takes a per-chunk (full-vocab)
+  log-softmax, so peak temporary memory is ``O(chunk_size x V)``. With ``grad_mode="precompute"`` (default) the
+  gradients w.r.t. the policy hidden states and LM head are accumulated inside the same chunk loop (a
+  ``jax.custom_vjp``; the technique of Liger-Kernel's fused linear cross-entropy), so value+grad costs the same four
+  ``[N, D] x [D, V]`` matmuls as the unfused loss. ``grad_mode="remat"`` instead differentiates through a
+  rematerialised (``jax.checkpoint``) scan body: it recomputes both projections in the backward pass (six matmuls)
+  but supports higher-order and forward-mode differentiation.
+
+All functions are pure, jit-able, use static shapes and never sync with the host inside traced code. Options are
+Python values (static under ``jax.jit``). This module imports only jax, numpy and the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SelfAugLossConfig",
+    "sft_loss",
+    "selfaug_kl",
+    "selfaug_loss",
+    "selfaug_loss_from_hidden",
+    "sft_loss_from_hidden",
+    "token_counts",
+]
+
+IGNORE_INDEX = -100
+"""Label value marking a position without a target (Hugging Face / torch ``ignore_index``)."""
+
+Direction = Literal["forward", "reverse", "jsd"]
+Align = Literal["prompt", "prompt_without_padding", "all"]
+GradMode = Literal["precompute", "remat"]
+
+_DIRECTIONS = ("forward", "reverse", "jsd")
+_ALIGNS = ("prompt", "prompt_without_padding", "all")
+_GRAD_MODES = ("precompute", "remat")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfAugLossConfig:
+    """All options of the SelfAug loss in one place (e.g. for an experiment YAML).
+
+    ``selfaug_loss(..., **cfg.loss_kwargs())`` and ``selfaug_loss_from_hidden(..., **cfg.fused_kwargs())`` apply it.
+    The defaults are the released code's: forward KL(ref || policy), alpha 0.5, temperature 1, prompt positions
+    including padding.
+    """
+
+    alpha: float = 0.5
+    direction: Direction = "forward"
+    beta: float = 0.5
+    temperature: float = 1.0
+    align: Align = "prompt"
+    include_padding: bool = True
+    chunk_size: int = 512
+    grad_mode: GradMode = "precompute"
+
+    def __post_init__(self) -> None:
+        _check_options(alpha=self.alpha, direction=self.direction, beta=self.beta, temperature=self.temperature,
+                       align=self.align, include_padding=self.include_padding, where="SelfAugLossConfig")
+        _check_fused_options(self.chunk_size, self.grad_mode, where="SelfAugLossConfig")
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`selfaug_loss` (everything except the fused-only fields)."""
+        return dict(alpha=self.alpha, direction=self.direction, beta=self.beta, temperature=self.temperature,
+                    align=self.align, include_padding=self.include_padding)
+
+    def fused_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`selfaug_loss_from_hidden`."""
+        return dict(self.loss_kwargs(), chunk_size=self.chunk_size, grad_mode=self.grad_mode)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation (Python-level, at trace time; value checks only on concrete, fully addressable arrays).
+
+
+def _check_options(*, alpha: float, direction: str, beta: float, temperature: float, align: str,
+                   include_padding: bool, where: str) -> None:
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"{where}: direction={direction!r}; expected one of {_DIRECTIONS}")
+    if align not in _ALIGNS:
+        raise ValueError(f"{where}: align={align!r}; expected one of {_ALIGNS}")
+    if not isinstance(include_padding, (bool, np.bool_)):
+        raise TypeError(f"{where}: include_padding must be a bool, got {include_padding!r}")
+    for name, value in (("alpha", alpha), ("beta", beta), ("temperature", temperature)):
+        if isinstance(value, jax.core.Tracer) or not np.isscalar(value) or not np.isfinite(float(value)):
+            raise ValueError(f"{where}: {name} must be a finite Python number (static), got {value!r}")
+    if alpha < 0:
+        raise ValueError(f"{where}: alpha={alpha} must be >= 0")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{where}: beta={beta} must lie in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"{where}: temperature={temperature} must be > 0")
+
+
+def _check_fused_options(chunk_size: int, grad_mode: str, *, where: str) -> None:
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+    if grad_mode not in _GRAD_MODES:
+        raise ValueError(f"{where}: grad_mode={grad_mode!r}; expected one of {_GRAD_MODES}")
+
+
+def _is_concrete(x: Any) -> bool:
+    if isinstance(x, np.ndarray):
+        return True
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_fully_addressable
+
+
+def _check_labels(labels_bt: Any, batch_time: tuple[int, int], vocab: int, where: str) -> None:
+    if getattr(labels_bt, "ndim", None) != 2:
+        raise ValueError(f"{where}: labels_bt must have shape [B, T]; got shape {getattr(labels_bt, 'shape', None)}")
+    if tuple(labels_bt.shape) != batch_time:
+        raise ValueError(f"{where}: labels_bt shape {tuple(labels_bt.shape)} does not match [B, T] = {batch_time}")
+    if not jnp.issubdtype(labels_bt.dtype, jnp.integer):
+        raise TypeError(f"{where}: labels_bt must be an integer array, got dtype {labels_bt.dtype}")
+    if _is_concrete(labels_bt):
+        arr = np.asarray(labels_bt)
+        bad = (arr != IGNORE_INDEX) & ((arr < 0) | (arr >= vocab))
+        if bad.any():
+            b, t = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{where}: labels_bt[{b}, {t}] = {int(arr[b, t])} is neither {IGNORE_INDEX} nor a token "
+                             f"id in [0, {vocab}) ({int(bad.sum())} such entries)")
+
+
+def _check_mask(attention_mask_bt: Any, batch_time: tuple[int, int], *, align: str, include_padding: bool,
+                where: str) -> None:
+    needs_mask = align == "prompt_without_padding" or not include_padding
+    if attention_mask_bt is None:
+        if needs_mask:
+            raise ValueError(f"{where}: align={align!r}, include_padding={include_padding} needs attention_mask_bt "
+                             "(1 = real token, 0 = padding), but it is None")
+        return
+    if tuple(getattr(attention_mask_bt, "shape", ())) != batch_time:
+        raise ValueError(f"{where}: attention_mask_bt shape {tuple(getattr(attention_mask_bt, 'shape', ()))} does "
+                         f"not match [B, T] = {batch_time}")
+    if _is_concrete(attention_mask_bt):
+        arr = np.asarray(attention_mask_bt)
+        bad = (arr != 0) & (arr != 1)
+        if bad.any():
+            b, t = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{where}: attention_mask_bt[{b}, {t}] = {arr[b, t]!r}; expected 0 or 1")
+
+
+def _check_logits(logits_btv: Any, name: str, where: str) -> None:
+    if getattr(logits_btv, "ndim", None) != 3:
+        raise ValueError(f"{where}: {name} must have shape [B, T, V]; got shape {getattr(logits_btv, 'shape', None)}")
+    if not jnp.issubdtype(logits_btv.dtype, jnp.floating):
+        raise TypeError(f"{where}: {name} must be a floating array, got dtype {logits_btv.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks and per-token terms (shared by the unfused and the fused implementation).
+
+
+def _shifted_targets_bt(labels_bt: jax.Array) -> jax.Array:
+    """``target[:, t] = labels[:, t + 1]``; the last position has no target (HF causal-LM shift)."""
+    pad_b1 = jnp.full((labels_bt.shape[0], 1), IGNORE_INDEX, dtype=labels_bt.dtype)
+    return jnp.concatenate([labels_bt[:, 1:], pad_b1], axis=1)
+
+
+def _align_mask_bt(labels_bt: jax.Array, attention_mask_bt: jax.Array | None, align: str,
+                   include_padding: bool) -> jax.Array:
+    """Boolean ``[B, T]`` mask of the (unshifted) positions whose distributions are aligned."""
+    if align == "all":
+        mask_bt = jnp.ones(labels_bt.shape, dtype=bool)
+    else:
+        mask_bt = labels_bt == IGNORE_INDEX
+    if align == "prompt_without_padding" or not include_padding:
+        mask_bt = mask_bt & (attention_mask_bt != 0)
+    return mask_bt
+
+
+def _ce_per_token(logits_f32: jax.Array, targets: jax.Array) -> jax.Array:
+    """``logsumexp(logits) - logits[target]`` per position; 0 where ``target == IGNORE_INDEX``."""
+    valid = targets != IGNORE_INDEX
+    safe = jnp.where(valid, targets, 0)
+    picked = jnp.take_along_axis(logits_f32, safe[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits_f32, axis=-1) - picked
+    return jnp.where(valid, nll, 0.0)
+
+
+def _log_mixture_minus_logq(d: jax.Array, beta: float) -> jax.Array:
+    """``log(beta * e^d + (1 - beta))`` for ``d = log p - log q``, i.e. ``log M - log q`` of ``M = beta p + (1-beta) q``.
+
+    Written with ``log1p``/``expm1`` on the non-overflowing side of ``d = 0`` so that it is exactly 0 when ``p == q``
+    and finite (with finite gradients; both ``where`` branches are safe) for any finite ``d``.
+    """
+    d_neg = jnp.minimum(d, 0.0)
+    d_pos = jnp.maximum(d, 0.0)
+    neg_branch = jnp.log1p(beta * jnp.expm1(d_neg))                      # d <= 0
+    pos_branch = d_pos + jnp.log1p((1.0 - beta) * jnp.expm1(-d_pos))     # d > 0: e^d (beta + (1-beta) e^-d)
+    return jnp.where(d > 0, pos_branch, neg_branch)
+
+
+def _divergence_per_token(logits_f32: jax.Array, ref_logits_f32: jax.Array, *, direction: str, beta: float,
+                          temperature: float) -> jax.Array:
+    """Per-position divergence between ``p_ref`` and ``p_policy`` over the last (vocabulary) axis."""
+    ref_logits_f32 = jax.lax.stop_gradient(ref_logits_f32)
+    if temperature != 1.0:
+        logits_f32 = logits_f32 / temperature
+        ref_logits_f32 = ref_logits_f32 / temperature
+    logp = jax.nn.log_softmax(logits_f32, axis=-1)       # policy
+    logr = jax.nn.log_softmax(ref_logits_f32, axis=-1)   # reference
+    if direction == "jsd" and beta == 0.0:
+        direction = "forward"
+    if direction == "jsd" and beta == 1.0:
+        direction = "reverse"
+    if direction == "forward":                           # KL(ref || policy), released code
+        return jnp.sum(jnp.exp(logr) * (logr - logp), axis=-1)
+    if direction == "reverse":                           # KL(policy || ref), paper text
+        return jnp.sum(jnp.exp(logp) * (logp - logr), axis=-1)
+    # Generalized JSD, M = beta * p_ref + (1 - beta) * p_policy (GKD eq. 1; TRL generalized_jsd_loss).
+    logm_minus_logp = _log_mixture_minus_logq(logr - logp, beta)
+    logm_minus_logr = logm_minus_logp - (logr - logp)
+    kl_ref_m = jnp.sum(jnp.exp(logr) * -logm_minus_logr, axis=-1)
+    kl_pol_m = jnp.sum(jnp.exp(logp) * -logm_minus_logp, axis=-1)
+    return beta * kl_ref_m + (1.0 - beta) * kl_pol_m
+
+
+def _safe_inverse(count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """``1 / max(count, 1)``, so an empty selection gives a 0 term rather than NaN."""
+    return 1.0 / jnp.maximum(count, 1).astype(dtype)
+
+
+def _compute_dtype(*arrays: jax.Array) -> Any:
+    """float32, or float64 when an input is float64 (``jax_enable_x64``): "upcast to (at least) float32"."""
+    return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unfused API: materialised [B, T, V] logits.
+
+
+def sft_loss(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
+    """Hugging Face causal-LM cross-entropy: ``logits[:, :-1]`` vs ``labels[:, 1:]``.
+
+    Args:
+      logits_btv: ``[B, T, V]`` policy logits (any float dtype; upcast to float32).
+      labels_bt: ``[B, T]`` integer labels, ``-100`` = no target.
+
+    Returns:
+      Float32 scalar: mean negative log-likelihood over all targets ``!= -100`` of the batch (pooled over
+      sequences); 0 when there is no target.
+    """
+    _check_logits(logits_btv, "logits_btv", "sft_loss")
+    _check_labels(labels_bt, tuple(logits_btv.shape[:2]), logits_btv.shape[2], "sft_loss")
+    targets_bt = _shifted_targets_bt(labels_bt)
+    dtype = _compute_dtype(logits_btv)
+    nll_bt = _ce_per_token(logits_btv.astype(dtype), targets_bt)
+    return jnp.sum(nll_bt) * _safe_inverse(jnp.sum(targets_bt != IGNORE_INDEX), dtype)
+
+
+def selfaug_kl(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: jax.Array, *,
+               direction: Direction = "forward", beta: float = 0.5, temperature: float = 1.0,
+               align: Align = "prompt", include_padding: bool = True,
+               attention_mask_bt: jax.Array | None = None) -> jax.Array:
+    """SelfAug alignment term: mean divergence over the aligned (by default: prompt, ``labels == -100``) positions.
+
+    Args:
+      logits_btv: ``[B, T, V]`` policy (fine-tuned) logits.
+      ref_logits_btv: ``[B, T, V]`` reference (original-model) logits; no gradient flows into them.
+      labels_bt: ``[B, T]`` labels (``-100`` = prompt / padding), used *unshifted*.
+      direction: ``"forward"`` = KL(ref || policy) (released code), ``"reverse"`` = KL(policy || ref) (paper text),
+        ``"jsd"`` = generalized JSD with ``beta`` (0 = forward, 1 = reverse).
+      beta: JSD mixing weight of the reference, only used by ``direction="jsd"``.
+      temperature: both distributions are ``softmax(logits / temperature)``.
+      align: ``"prompt"``, ``"prompt_without_padding"`` or ``"all"`` positions.
+      include_padding: ``False`` drops positions with ``attention_mask_bt == 0``.
+      attention_mask_bt: ``[B, T]`` 1 = real token, 0 = padding; needed only by the padding-excluding options.
+
+    Returns:
+      Float32 scalar: the divergence averaged over the selected positions pooled over the batch ("batchmean" of
+      the selected rows); 0 when no position is selected.
+    """
+    where = "selfaug_kl"
+    _check_options(alpha=0.0, direction=direction, beta=beta, temperature=temperature, align=align,
+                   include_padding=include_padding, where=where)
+    _check_logits(logits_btv, "logits_btv", where)
+    _check_logits(ref_logits_btv, "ref_logits_btv", where)
+    if ref_logits_btv.shape != logits_btv.shape:
+        raise ValueError(f"{where}: ref_logits_btv shape {ref_logits_btv.shape} != logits_btv shape "
+                         f"{logits_btv.shape}")
+    batch_time = tuple(logits_btv.shape[:2])
+    _check_labels(labels_bt, batch_time, logits_btv.shape[2], where)
+    _check_mask(attention_mask_bt, batch_time, align=align, include_padding=include_padding, where=where)
+    mask_bt = _align_mask_bt(labels_bt, attention_mask_bt, align, include_padding)
+    dtype = _compute_dtype(logits_btv, ref_logits_btv)
+    div_bt = _divergence_per_token(logits_btv.astype(dtype), ref_logits_btv.astype(dtype),
+                                   direction=direction, beta=beta, temperature=temperature)
+    return jnp.sum(jnp.where(mask_bt, div_bt, 0.0)) * _safe_inverse(jnp.sum(mask_bt), dtype)
+
+
+def selfaug_loss(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: jax.Array, *, alpha: float = 0.5,
+                 direction: Direction = "forward", beta: float = 0.5, temperature: float = 1.0,
+                 align: Align = "prompt", include_padding: bool = True,
+                 attention_mask_bt: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SelfAug objective ``CE + alpha * KL`` from materialised logits.
+
+    Args:
+      logits_btv, ref_logits_btv, labels_bt: as in :func:`selfaug_kl` (the CE uses the HF shift of :func:`sft_loss`).
+      alpha: weight of the alignment term (released code: 0.5).
+      direction, beta, temperature, align, include_padding, attention_mask_bt: see :func:`selfaug_kl`.
+
+    Returns:
+      ``(total, aux)``: float32 (float64 for float64 inputs) scalar total, and ``aux`` with ``ce`` and ``kl`` and int32
+      ``n_target_tokens`` (CE targets) and ``n_aligned_tokens`` (KL positions). ``aux`` values are for monitoring
+      and carry no gradient (differentiate :func:`sft_loss` / :func:`selfaug_kl` for the parts).
+    """
+    where = "selfaug_loss"
+    _check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
+                   include_padding=include_padding, where=where)
+    _check_logits(logits_btv, "logits_btv", where)
+    _check_logits(ref_logits_btv, "ref_logits_btv", where)
+    if ref_logits_btv.shape != logits_btv.shape:
+        raise ValueError(f"{where}: ref_logits_btv shape {ref_logits_btv.shape} != logits_btv shape "
+                         f"{logits_btv.shape}")
+    batch_time = tuple(logits_btv.shape[:2])
+    _check_labels(labels_bt, batch_time, logits_btv.shape[2], where)
+    _check_mask(attention_mask_bt, batch_time, align=align, include_padding=include_padding, where=where)
+
+    dtype = _compute_dtype(logits_btv, ref_logits_btv)
+    logits_f32 = logits_btv.astype(dtype)
+    targets_bt = _shifted_targets_bt(labels_bt)
+    mask_bt = _align_mask_bt(labels_bt, attention_mask_bt, align, include_padding)
+    n_target = jnp.sum(targets_bt != IGNORE_INDEX, dtype=jnp.int32)
+    n_aligned = jnp.sum(mask_bt, dtype=jnp.int32)
+    ce = jnp.sum(_ce_per_token(logits_f32, targets_bt)) * _safe_inverse(n_target, dtype)
+    div_bt = _divergence_per_token(logits_f32, ref_logits_btv.astype(dtype), direction=direction,
+                                   beta=beta, temperature=temperature)
+    kl = jnp.sum(jnp.where(mask_bt, div_bt, 0.0)) * _safe_inverse(n_aligned, dtype)
+    total = ce + alpha * kl
+    aux = dict(ce=jax.lax.stop_gradient(ce), kl=jax.lax.stop_gradient(kl), n_target_tokens=n_target,
+               n_aligned_tokens=n_aligned)
+    return total, aux
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused API: hidden states + LM head, chunked over tokens.
+
+
+def _to_chunks(x_bt_: jax.Array, chunk_t: int, n_chunks: int, fill: Any) -> jax.Array:
+    """``[B, T, ...]`` -> ``[C, B, chunk_t, ...]`` (padding T with ``fill``); the batch axis keeps its sharding."""
+    b, t = x_bt_.shape[:2]
+    pad = n_chunks * chunk_t - t
+    if pad:
+        widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_bt_.ndim - 2)
+        x_bt_ = jnp.pad(x_bt_, widths, constant_values=fill)
+    x = x_bt_.reshape((b, n_chunks, chunk_t) + x_bt_.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _from_chunks(x_cbt_: jax.Array, t: int) -> jax.Array:
+    """Inverse of :func:`_to_chunks`: ``[C, B, chunk_t, ...]`` -> ``[B, T, ...]``."""
+    x = jnp.moveaxis(x_cbt_, 0, 1)
+    b, c, ct = x.shape[:3]
+    return x.reshape((b, c * ct) + x.shape[3:])[:, :t]
+
+
+def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | None, lm_head_dv: jax.Array,
+                             labels_bt: jax.Array, *, ref_lm_head_dv: jax.Array | None = None,
+                             chunk_size: int = 512, grad_mode: GradMode = "precompute", alpha: float = 0.5,
+                             direction: Direction = "forward", beta: float = 0.5, temperature: float = 1.0,
+                             align: Align = "prompt", include_padding: bool = True,
+                             attention_mask_bt: jax.Array | None = None,
+                             num_target_tokens: jax.Array | int | None = None,
+                             num_aligned_tokens: jax.Array | int | None = None,
+                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Memory-efficient SelfAug loss from final hidden states; same values/gradients as :func:`selfaug_loss`.
+
+    The logits are ``hidden @ lm_head`` computed in float32 (``preferred_element_type``; float64 for float64
+    inputs), one chunk of positions at a time inside a ``lax.scan``: peak temporary memory is a few
+    ``[B * chunk_t, V]`` float32 buffers (plus, when differentiating with ``grad_mode="precompute"``, the ``[D, V]``
+    float32 head-gradient accumulator) instead of several ``[B, T, V]`` ones. The default ``chunk_size=512`` keeps
+    value+grad at the Qwen2.5-0.5B shape (D=896, V=151936) near 2.2 GB of temporaries, ~1/13 of the unfused loss
+    (``bench/loss_memory.py``).
+
+    Args:
+      hidden_btd: ``[B, T, D]`` policy final hidden states (after the final norm; any float dtype).
+      ref_hidden_btd: ``[B, T, D]`` reference final hidden states; no gradient flows into them.
+      lm_head_dv: ``[D, V]`` policy LM-head weight (``embed.T`` when tied).
+      labels_bt: ``[B, T]`` labels, ``-100`` = no target.
+      ref_lm_head_dv: ``[D, V]`` reference LM head; ``None`` = ``lm_head_dv`` (LoRA leaves the head untouched).
+        No gradient flows into it.
+      chunk_size: approximate number of tokens projected per scan step: each step takes
+        ``chunk_t = ceil(chunk_size / B)`` positions of every sequence (the batch axis is never split, so batch
+        sharding is preserved). ``T`` need not be a multiple of ``chunk_t``.
+      grad_mode: ``"precompute"`` (gradients accumulated in the forward chunk loop via ``jax.custom_vjp``; fastest,
+        first-order reverse-mode only) or ``"remat"`` (autodiff through a ``jax.checkpoint``-ed scan body).
+      alpha, direction, beta, temperature, align, include_padding, attention_mask_bt: as in :func:`selfaug_loss`.
+      num_target_tokens, num_aligned_tokens: optional denominators for the CE / KL sums instead of this batch's own
+        counts -- e.g. the counts of a whole accumulated batch (:func:`token_counts`), so that summing the
+        micro-batch losses gives the big-batch loss. ``aux`` then holds the partial (micro-batch) terms.
+
+    Returns:
+      ``(total, aux)`` exactly as :func:`selfaug_loss`. Gradients flow to ``hidden_btd`` and ``lm_head_dv`` only.
+      With ``ref_hidden_btd=None`` there is no alignment term (plain CE; see :func:`sft_loss_from_hidden`).
+    """
+    where = "selfaug_loss_from_hidden"
+    with_kl = ref_hidden_btd is not None
+    if not with_kl:
+        ref_hidden_btd = hidden_btd  # placeholder of the right shape: never projected (dead code for XLA)
+        alpha = 0.0
+    _check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
+                   include_padding=include_padding, where=where)
+    _check_fused_options(chunk_size, grad_mode, where=where)
+    for name, x in (("hidden_btd", hidden_btd), ("ref_hidden_btd", ref_hidden_btd)):
+        _check_logits(x, name, where)
+    if ref_hidden_btd.shape != hidden_btd.shape:
+        raise ValueError(f"{where}: ref_hidden_btd shape {ref_hidden_btd.shape} != hidden_btd shape "
+                         f"{hidden_btd.shape}")
+    b, t, d = hidden_btd.shape
+    heads = (lm_head_dv,) if ref_lm_head_dv is None else (lm_head_dv, ref_lm_head_dv)
+    for name, w in zip(("lm_head_dv", "ref_lm_head_dv"), heads):
+        if getattr(w, "ndim", None) != 2 or w.shape[0] != d:
+            raise ValueError(f"{where}: {name} must have shape [D={d}, V]; got {getattr(w, 'shape', None)}")
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise TypeError(f"{where}: {name} must be a floating array, got dtype {w.dtype}")
+    vocab = lm_head_dv.shape[1]
+    if len(heads) == 2 and ref_lm_head_dv.shape != lm_head_dv.shape:
+        raise ValueError(f"{where}: ref_lm_head_dv shape {ref_lm_head_dv.shape} != lm_head_dv shape "
+                         f"{lm_head_dv.shape}")
+    _check_labels(labels_bt, (b, t), vocab, where)
+    _check_mask(attention_mask_bt, (b, t), align=align, include_padding=include_padding, where=where)
+
+    targets_bt = _shifted_targets_bt(labels_bt)
+    mask_bt = _align_mask_bt(labels_bt, attention_mask_bt, align, include_padding)
+    n_target = jnp.sum(targets_bt != IGNORE_INDEX, dtype=jnp.int32)
+    n_aligned = jnp.sum(mask_bt, dtype=jnp.int32)
+    dtype = _compute_dtype(hidden_btd, ref_hidden_btd, *heads)
+    inv_target = _safe_inverse(n_target if num_target_tokens is None else num_target_tokens, dtype)
+    inv_aligned = _safe_inverse(n_aligned if num_aligned_tokens is None else num_aligned_tokens, dtype)
+    inv = (inv_target, inv_aligned)
+
+    chunk_t = min(t, max(1, -(-chunk_size // b)))
+    n_chunks = -(-t // chunk_t)
+    h_cbtd = _to_chunks(hidden_btd, chunk_t, n_chunks, 0)
+    rh_cbtd = _to_chunks(jax.lax.stop_gradient(ref_hidden_btd), chunk_t, n_chunks, 0)
+    tgt_cbt = _to_chunks(targets_bt, chunk_t, n_chunks, IGNORE_INDEX)
+    msk_cbt = _to_chunks(mask_bt, chunk_t, n_chunks, False)
+    div_kw = dict(direction=direction, beta=beta, temperature=temperature)
+
+    def project(h_btd: jax.Array, w_dv: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,dv->btv", h_btd, w_dv, preferred_element_type=dtype)
+
+    def chunk_terms(logits_btv, ref_logits_btv, tgt_bt, msk_bt, inv):
+        """(weighted total, (CE sum, KL sum)) of one chunk from its float32 logits; ``inv`` = 1/counts."""
+        ce_sum = jnp.sum(_ce_per_token(logits_btv, tgt_bt))
+        if not with_kl:
+            return ce_sum * inv[0], (ce_sum, jnp.zeros((), ce_sum.dtype))
+        div_bt = _divergence_per_token(logits_btv, ref_logits_btv, **div_kw)
+        kl_sum = jnp.sum(jnp.where(msk_bt, div_bt, 0.0))
+        return ce_sum * inv[0] + alpha * kl_sum * inv[1], (ce_sum, kl_sum)
+
+    def ref_logits_of(rh_btd, hs):
+        if not with_kl:
+            return None
+        return jax.lax.stop_gradient(project(rh_btd, jax.lax.stop_gradient(hs[-1])))
+
+    zero = jnp.zeros((), dtype)
+
+    def combine(ce_sum, kl_sum, inv):
+        # Same formula as the unfused loss (ce + alpha * kl), so e.g. total == ce exactly when kl == 0.
+        return ce_sum * inv[0] + alpha * (kl_sum * inv[1])
+
+    def value_scan(h, rh, hs, tgt, msk, inv):
+        """(CE sum, KL sum) over all chunks; differentiable (used by grad_mode="remat" and as the primal)."""
+        def body(carry, xs):
+            h_c, rh_c, tgt_c, msk_c = xs
+            _, (ce_s, kl_s) = chunk_terms(project(h_c, hs[0]), ref_logits_of(rh_c, hs), tgt_c, msk_c, inv)
+            return (carry[0] + ce_s, carry[1] + kl_s), None
+        if grad_mode == "remat":
+            body = jax.checkpoint(body)
+        sums, _ = jax.lax.scan(body, (zero, zero), (h, rh, tgt, msk))
+        return sums
+
+    if grad_mode == "remat":
+        ce_sum, kl_sum = value_scan(h_cbtd, rh_cbtd, heads, tgt_cbt, msk_cbt, inv)
+        total = combine(ce_sum, kl_sum, inv)
+    else:
+        @jax.custom_vjp
+        def fused(h, rh, hs, tgt, msk, inv):
+            ce_s, kl_s = value_scan(h, rh, hs, tgt, msk, inv)
+            return combine(ce_s, kl_s, inv), ce_s, kl_s
+
+        def fused_fwd(h, rh, hs, tgt, msk, inv):
+            w_dv = hs[0]
+
+            def body(carry, xs):
+                ce_acc, kl_acc, dw_acc = carry
+                h_c, rh_c, tgt_c, msk_c = xs
+                ref_c = ref_logits_of(rh_c, hs)
+                _, vjp_fn, (ce_s, kl_s) = jax.vjp(lambda lg: chunk_terms(lg, ref_c, tgt_c, msk_c, inv),
+                                                    project(h_c, w_dv), has_aux=True)
+                (dlogits_btv,) = vjp_fn(jnp.ones((), dtype))
+                dh_c = jnp.einsum("btv,dv->btd", dlogits_btv, w_dv, preferred_element_type=dtype)
+                dw_acc = dw_acc + jnp.einsum("btd,btv->dv", h_c, dlogits_btv, preferred_element_type=dtype)
+                return (ce_acc + ce_s, kl_acc + kl_s, dw_acc), dh_c.astype(h.dtype)
+
+            init = (zero, zero, jnp.zeros(w_dv.shape, dtype))
+            (ce_s, kl_s, dw), dh = jax.lax.scan(body, init, (h, rh, tgt, msk))
+            return (combine(ce_s, kl_s, inv), ce_s, kl_s), (dh, dw.astype(w_dv.dtype))
+
+        def fused_bwd(res, cotangents):
+            dh, dw = res
+            g = cotangents[0]  # the CE / KL sums are returned with stop_gradient: their cotangents are zero
+            d_heads = (g.astype(dw.dtype) * dw,) + (None,) * (len(heads) - 1)
+            return g.astype(dh.dtype) * dh, None, d_heads, None, None, None
+
+        fused.defvjp(fused_fwd, fused_bwd)
+        total, ce_sum, kl_sum = fused(h_cbtd, rh_cbtd, heads, tgt_cbt, msk_cbt, inv)
+
+    ce = jax.lax.stop_gradient(ce_sum) * inv_target
+    kl = jax.lax.stop_gradient(kl_sum) * inv_aligned
+    aux = dict(ce=ce, kl=kl, n_target_tokens=n_target, n_aligned_tokens=n_aligned if with_kl else jnp.int32(0))
+    return total, aux
+
+
+def sft_loss_from_hidden(hidden_btd: jax.Array, lm_head_dv: jax.Array, labels_bt: jax.Array, *,
+                         chunk_size: int = 512, grad_mode: GradMode = "precompute",
+                         num_target_tokens: jax.Array | int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Memory-efficient :func:`sft_loss` from hidden states (the ``lora`` / ``sft`` baselines); never builds [B,T,V].
+
+    Returns ``(ce, aux)`` with the same ``aux`` keys as :func:`selfaug_loss` (``kl`` = 0, ``n_aligned_tokens`` = 0).
+    ``num_target_tokens`` overrides the denominator as in :func:`selfaug_loss_from_hidden`.
+    """
+    return selfaug_loss_from_hidden(hidden_btd, None, lm_head_dv, labels_bt, chunk_size=chunk_size,
+                                    grad_mode=grad_mode, num_target_tokens=num_target_tokens)
+
+
+def token_counts(labels_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *, align: Align = "prompt",
+                 include_padding: bool = True) -> tuple[jax.Array, jax.Array]:
+    """``(n_target_tokens, n_aligned_tokens)`` (int32) of a batch: the CE and KL denominators of the loss.
+
+    Use them as ``num_target_tokens`` / ``num_aligned_tokens`` of every micro-batch of an accumulated batch to get
+    token-weighted (big-batch-equivalent) accumulation.
+    """
+    targets_bt = _shifted_targets_bt(labels_bt)
+    mask_bt = _align_mask_bt(labels_bt, attention_mask_bt, align, include_padding)
+    return jnp.sum(targets_bt != IGNORE_INDEX, dtype=jnp.int32), jnp.sum(mask_bt, dtype=jnp.int32)

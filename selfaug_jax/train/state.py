@@ -1,0 +1,115 @@
+"""Training state: a pytree of arrays, plus the static model structure needed to rebuild the models.
+
+Methods (the paper's baselines and ours):
+
+| method        | trainable          | frozen                      | reference model for the KL         |
+|---------------|--------------------|-----------------------------|------------------------------------|
+| ``lora``      | LoRA adapters      | base params                 | none (CE only)                     |
+| ``selfaug``   | LoRA adapters      | base params                 | base params, adapters bypassed     |
+| ``sft``       | all params         | (empty)                     | none (CE only)                     |
+| ``sft-selfaug`` | all params       | a frozen copy of the params | the frozen copy                    |
+
+For the LoRA methods the reference costs no extra parameter memory: it is the same frozen arrays merged into the
+graph *without* adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from selfaug_jax.lora import LoRAConfig, add_lora, split_lora_model
+from selfaug_jax.models.decoder import DecoderLM, LoRAParam
+
+METHODS: tuple[str, ...] = ("lora", "selfaug", "sft", "sft-selfaug")
+
+
+def uses_lora(method: str) -> bool:
+    return method in ("lora", "selfaug")
+
+
+def uses_reference(method: str) -> bool:
+    return method in ("selfaug", "sft-selfaug")
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes (or is carried) across steps; a pure pytree (checkpointable, shardable).
+
+    Attributes:
+        trainable: the parameters being optimised (``nnx.State``).
+        frozen: parameters that are not optimised (base for LoRA, the original copy for ``sft-selfaug``).
+        opt_state: optax state of ``trainable``.
+        step: int32 optimizer step.
+        rng: PRNG key (LoRA dropout).
+    """
+
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """Static structure: how to rebuild the policy and the reference models from a :class:`TrainState`."""
+
+    method: str
+    policy_graphdef: Any
+    reference_graphdef: Any | None
+
+    def policy(self, trainable, frozen) -> DecoderLM:
+        if uses_lora(self.method):
+            return nnx.merge(self.policy_graphdef, trainable, frozen)
+        return nnx.merge(self.policy_graphdef, trainable)
+
+    def reference(self, trainable, frozen) -> DecoderLM:
+        """The original model, from stop-gradient frozen params."""
+        if self.reference_graphdef is None:
+            raise ValueError(f"method {self.method!r} has no reference model")
+        return nnx.merge(self.reference_graphdef, jax.lax.stop_gradient(frozen))
+
+    def merged_model(self, state: TrainState) -> DecoderLM:
+        """The trained model (with adapters still attached for LoRA methods), on concrete arrays."""
+        return self.policy(state.trainable, state.frozen)
+
+
+def init_train_state(
+    model: DecoderLM,
+    method: str,
+    optimizer: optax.GradientTransformation,
+    *,
+    lora_config: LoRAConfig | None = None,
+    seed: int = 0,
+) -> tuple[ModelDef, TrainState]:
+    """Split ``model`` for ``method`` and build the initial state. LoRA methods add adapters (in place)."""
+    check_method(method)
+    if uses_lora(method):
+        has_lora = any(True for _ in nnx.to_flat_state(nnx.state(model, LoRAParam)))
+        if not has_lora:
+            add_lora(model, lora_config or LoRAConfig(), nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
+        policy_gd, base_gd, trainable, frozen = split_lora_model(model)
+        model_def = ModelDef(method, policy_gd, base_gd if method == "selfaug" else None)
+    else:
+        graphdef, params = nnx.split(model, nnx.Param)
+        trainable = params
+        frozen = jax.tree.map(jnp.copy, params) if method == "sft-selfaug" else nnx.State({})
+        model_def = ModelDef(method, graphdef, graphdef if method == "sft-selfaug" else None)
+    state = TrainState(
+        trainable=trainable,
+        frozen=frozen,
+        opt_state=optimizer.init(trainable),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+    return model_def, state

@@ -1,0 +1,232 @@
+"""The pure SelfAug train step ``(state, batch) -> (state, metrics)`` and its eval twin.
+
+Inside one jitted step (the anchored-reference pattern):
+
+    policy     = merge(policy_graphdef, trainable, frozen)             # adapters on
+    reference  = merge(reference_graphdef, stop_gradient(frozen))      # the original model, same step
+    hidden     = policy.hidden_states(batch)                           # [B, T, D]
+    ref_hidden = stop_gradient(reference.hidden_states(batch))         # no residuals kept for backward
+    loss       = selfaug_loss_from_hidden(hidden, ref_hidden, head, labels)  # chunked: never [B, T, V]
+
+The reference depends only on stop-gradient values, so reverse-mode AD stores none of its activations; the fused
+loss projects onto the vocabulary chunk by chunk. Gradient accumulation runs the micro-batches in a ``lax.scan``
+inside the same jitted step.
+
+Batch: a dict of int32 ``[B, T]`` arrays ``input_ids_bt``, ``labels_bt`` (-100 = no target), ``attention_mask_bt``
+and optionally ``positions_bt`` and ``segment_ids_bt`` (packing) -- ``selfaug_jax.data.Batch.arrays()``. ``B`` must be divisible by ``grad_accum_steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from selfaug_jax import loss as loss_lib
+from selfaug_jax.train.state import ModelDef, TrainState, uses_reference
+
+ACCUM_NORMALIZATIONS = ("mean", "token")
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static options of the train / eval step.
+
+    Attributes:
+        loss: SelfAug loss options (alpha, direction, chunk size, ...). Ignored (CE only) for ``lora`` / ``sft``.
+        grad_accum_steps: micro-batches per optimizer step.
+        accum_normalization: "mean" = the released code's (mean over micro-batches of per-micro-batch means);
+            "token" = token-weighted (equals one big batch): CE over all targets, KL over all aligned tokens.
+    """
+
+    loss: loss_lib.SelfAugLossConfig = loss_lib.SelfAugLossConfig()
+    grad_accum_steps: int = 1
+    accum_normalization: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.accum_normalization not in ACCUM_NORMALIZATIONS:
+            raise ValueError(
+                f"unknown accum_normalization {self.accum_normalization!r}; choose from {ACCUM_NORMALIZATIONS}"
+            )
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+def _forward_losses(model_def: ModelDef, config: StepConfig, trainable, frozen, batch: Batch, rng, normalizers):
+    """Losses of one micro-batch: ``(total, aux)`` with aux ce, kl, n_target_tokens, n_aligned_tokens.
+
+    ``normalizers`` = (targets, aligned) token counts to divide the CE / KL sums by (the global counts for
+    token-weighted accumulation), or ``None`` for this micro-batch's own counts (the released code).
+    """
+    kwargs = dict(
+        attention_mask=batch["attention_mask_bt"],
+        positions=batch.get("positions_bt"),
+        segment_ids=batch.get("segment_ids_bt"),
+    )
+    policy = model_def.policy(trainable, frozen)
+    hidden_btd = policy.hidden_states(batch["input_ids_bt"], dropout_rng=rng, **kwargs)
+    head_dv = policy.lm_head_weight()
+    cfg = config.loss
+    n_target, n_aligned = normalizers if normalizers is not None else (None, None)
+    if uses_reference(model_def.method):
+        reference = model_def.reference(trainable, frozen)
+        ref_hidden_btd = jax.lax.stop_gradient(reference.hidden_states(batch["input_ids_bt"], **kwargs))
+        ref_head_dv = jax.lax.stop_gradient(reference.lm_head_weight())
+        return loss_lib.selfaug_loss_from_hidden(
+            hidden_btd,
+            ref_hidden_btd,
+            head_dv,
+            batch["labels_bt"],
+            ref_lm_head_dv=ref_head_dv,
+            attention_mask_bt=batch["attention_mask_bt"],
+            num_target_tokens=n_target,
+            num_aligned_tokens=n_aligned,
+            **cfg.fused_kwargs(),
+        )
+    return loss_lib.sft_loss_from_hidden(
+        hidden_btd,
+        head_dv,
+        batch["labels_bt"],
+        chunk_size=cfg.chunk_size,
+        grad_mode=cfg.grad_mode,
+        num_target_tokens=n_target,
+    )
+
+
+def _split_micro(batch: Batch, k: int) -> Batch:
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={k}")
+        return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+    return {name: split(x) for name, x in batch.items()}
+
+
+def _accumulate(model_def: ModelDef, config: StepConfig, trainable, frozen, batch: Batch, rng, *, with_grad: bool):
+    """Run the micro-batches; returns (grads or None, metrics) with the configured normalisation.
+
+    "mean": each micro-batch loss is normalised by its own token counts and the k losses are averaged.
+    "token": every micro-batch divides its CE / KL sums by the counts of the *whole* batch, so the summed loss
+    (and gradient) equals that of one big batch.
+    """
+    k = config.grad_accum_steps
+    micro = _split_micro(batch, k)
+    token_weighted = config.accum_normalization == "token"
+    if token_weighted:
+        normalizers = loss_lib.token_counts(
+            batch["labels_bt"],
+            batch["attention_mask_bt"],
+            align=config.loss.align,
+            include_padding=config.loss.include_padding,
+        )
+        scale = 1.0
+    else:
+        normalizers = None
+        scale = 1.0 / k
+
+    def objective(params, mb, mb_rng):
+        total, aux = _forward_losses(model_def, config, params, frozen, mb, mb_rng, normalizers)
+        return total * scale if k > 1 else total, aux
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def body(carry, xs):
+        grads_acc, sums = carry
+        mb, i = xs
+        if with_grad:
+            (weighted, aux), grads = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        else:
+            weighted, aux = objective(trainable, mb, None)
+        w = scale if k > 1 else 1.0
+        sums = {
+            "loss": sums["loss"] + weighted,
+            "ce": sums["ce"] + aux["ce"] * w,
+            "kl": sums["kl"] + aux["kl"] * w,
+            "n_target_tokens": sums["n_target_tokens"] + aux["n_target_tokens"],
+            "n_aligned_tokens": sums["n_aligned_tokens"] + aux["n_aligned_tokens"],
+        }
+        return (grads_acc, sums), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable) if with_grad else None
+    f32 = jnp.zeros((), jnp.float32)
+    i32 = jnp.zeros((), jnp.int32)
+    init = (zeros, {"loss": f32, "ce": f32, "kl": f32, "n_target_tokens": i32, "n_aligned_tokens": i32})
+    xs = (micro, jnp.arange(k, dtype=jnp.int32))
+    if k == 1:  # no scan: simpler HLO, and the metrics are the loss's own values bit for bit
+        (grads, sums), _ = body(init, jax.tree.map(lambda x: x[0], xs))
+    else:
+        (grads, sums), _ = jax.lax.scan(body, init, xs)
+    sums["n_tokens"] = jnp.sum(batch["attention_mask_bt"].astype(jnp.int32))
+    return grads, sums
+
+
+def train_step_fn(
+    model_def: ModelDef,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    config: StepConfig,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure (un-jitted) train step for ``model_def`` (see :func:`make_train_step`)."""
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, step_rng = jax.random.split(rng)
+        grads, metrics = _accumulate(
+            model_def, config, state.trainable, state.frozen, batch, step_rng, with_grad=True
+        )
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        new_state = state.replace(
+            trainable=trainable, opt_state=opt_state, step=state.step + 1, rng=jax.random.key_data(rng)
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_train_step(
+    model_def: ModelDef,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    config: StepConfig = StepConfig(),
+    *,
+    state_shardings: Any = None,
+    batch_sharding: Any = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """``jax.jit`` of the train step, donating the state; with shardings when given (see ``train/sharding.py``)."""
+    fn = train_step_fn(model_def, optimizer, schedule, config)
+    if state_shardings is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    return jax.jit(
+        fn,
+        donate_argnums=(0,),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+    )
+
+
+def make_eval_step(
+    model_def: ModelDef,
+    config: StepConfig = StepConfig(),
+    *,
+    state_shardings: Any = None,
+    batch_sharding: Any = None,
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Jitted ``(state, batch) -> metrics``: the same losses as training, no update, no dropout."""
+
+    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        _, metrics = _accumulate(
+            model_def, config, state.trainable, state.frozen, batch, jax.random.key(0), with_grad=False
+        )
+        return metrics
+
+    if state_shardings is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding))
