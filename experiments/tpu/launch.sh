@@ -197,6 +197,7 @@ run_experiment() {
   local cmd="\$HOME/venv/bin/python experiments/run.py --config $(q "$CONFIG")"
   [[ -n "$MESH" ]] && cmd+=" --mesh $(q "$MESH")"
   cmd+=" --output-dir runs/$(q "$RUN_NAME")"
+  cmd+=" --distributed"  # jax.distributed.initialize(): auto-detects the TPU workers (one process per host)
   local arg
   for arg in "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}"; do cmd+=" $(q "$arg")"; done
   local logfile="\$HOME/run-$(q "$RUN_NAME").log"

@@ -9,6 +9,7 @@ initialises random weights first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -88,6 +89,7 @@ def load_hf_model(
     dtype: Any = jnp.float32,
     param_dtype: Any | None = None,
     remat_policy: str = "none",
+    num_layers: int | None = None,
 ) -> DecoderLM:
     """Load a Hugging Face model directory into a :class:`DecoderLM`.
 
@@ -96,12 +98,23 @@ def load_hf_model(
         dtype: compute dtype.
         param_dtype: parameter storage dtype (default: ``dtype``). fp32, bf16 and fp16 checkpoints are cast.
         remat_policy: per-layer rematerialisation policy (see ``selfaug_jax.models.decoder.REMAT_POLICIES``).
+        num_layers: keep only the first ``num_layers`` decoder layers; the checkpoint's deeper layers are skipped.
 
     Raises:
         CheckpointError: naming each missing, unexpected or wrongly shaped tensor (with both shapes).
     """
     model_dir = Path(model_dir)
     config = ModelConfig.from_json_file(model_dir / "config.json")
+    n_full = config.num_hidden_layers
+    if num_layers is not None:
+        if not 1 <= num_layers <= n_full:
+            raise ValueError(f"num_layers={num_layers} must be in [1, {n_full}] for {model_dir}")
+        hf_config = dict(config.hf_config)
+        if isinstance(hf_config.get("layer_types"), list):
+            hf_config["layer_types"] = hf_config["layer_types"][:num_layers]
+        config = dataclasses.replace(config, num_hidden_layers=num_layers, hf_config=hf_config)
+        if config.sliding_windows is not None:
+            config.sliding_windows = config.sliding_windows[:num_layers]
     param_dtype = param_dtype or dtype
     abstract = nnx.eval_shape(
         lambda: DecoderLM(config, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, rngs=nnx.Rngs(0))
@@ -116,8 +129,8 @@ def load_hf_model(
     seen: set[str] = set()
     errors: list[str] = []
     for name, file, handle in _iter_tensors(hf_safetensors_files(model_dir)):
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
+        if name.endswith(_IGNORED_SUFFIXES) or _layer_index(name) >= config.num_hidden_layers:
+            continue  # derived buffers; layers beyond num_layers
         if name not in expected:
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # tied checkpoints sometimes store the (identical) head too; HF ignores it as well.
@@ -140,6 +153,14 @@ def load_hf_model(
     if errors:
         raise CheckpointError(f"checkpoint {model_dir} does not match the {config.model_type} model:\n  " + "\n  ".join(errors))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _layer_index(name: str) -> int:
+    """The decoder-layer index of an HF tensor name (-1 for non-layer tensors)."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return -1
 
 
 def _hf_shape(entry) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any | None = None,
     remat_policy: str = "none",
+    num_layers: int | None = None,
 ) -> DecoderLM:
     """Load a model from an HF directory (``config.json`` + safetensors), a GGUF file or the default name.
 
@@ -48,11 +49,17 @@ def load_pretrained(
         dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); logits are always float32.
         param_dtype: parameter storage dtype; defaults to ``dtype``.
         remat_policy: per-layer gradient checkpointing ("none", "full", "dots", "dots_saveable").
+        num_layers: keep only the first ``num_layers`` decoder layers (a cheap stand-in model for smoke tests and
+            debugging; the checkpoint's deeper layers are skipped).
     """
     from selfaug_jax.checkpoints.hf import load_hf_model
 
     return load_hf_model(
-        resolve_model_dir(name_or_path), dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy
+        resolve_model_dir(name_or_path),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat_policy=remat_policy,
+        num_layers=num_layers,
     )
 
 

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""selfaug-jax main job: fine-tune, evaluate downstream gain and forgetting, and report.
+
+    python experiments/run.py                               # preset "default": lora vs selfaug on SmolLM2, ~15 min CPU
+    python experiments/run.py --preset smoke                # the same pipeline, tiny (~2 min)
+    python experiments/run.py --method selfaug --max-steps 50 --out runs/x
+    python experiments/run.py --compare lora,selfaug,sft train.batch_size=4 optimizer.learning_rate=1e-4
+    python experiments/run.py --preset paper-crag --model /path/Qwen2.5-7B-Instruct --data crag_task_1_dev_v4.jsonl.bz2
+    python experiments/run.py --resume --out runs/default   # continue every method from its latest checkpoint
+    python experiments/run.py --cpu-devices 8 --mesh data=2,fsdp=2,tensor=2 --preset smoke
+
+Positional ``section.key=value`` arguments override any config field (see ``experiments/configs/*.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=4")
+    p.add_argument("--preset", "--config", dest="preset", default="default",
+                   help="preset name under experiments/configs/ or a YAML file (default: default)")
+    p.add_argument("--method", help="train a single method: lora | selfaug | sft | sft-selfaug")
+    p.add_argument("--compare", help="comma-separated methods run on the same data and seed, e.g. lora,selfaug")
+    p.add_argument("--model", help="HF model dir, .gguf file, or smollm2-135m-instruct")
+    p.add_argument("--data", help="training data file (our JSONL, CRAG task 1 .jsonl.bz2, RAG-Instruct .json)")
+    p.add_argument("--out", "--output-dir", dest="out", help="output directory")
+    p.add_argument("--max-steps", type=int, help="stop each method after this many optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of each method")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2")
+    p.add_argument("--cpu-devices", type=int, help="fake N host devices on CPU (testing sharding)")
+    p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """Translate the convenience flags into dotted config overrides (explicit overrides win: they come last)."""
+    out = []
+    if args.method and args.compare:
+        raise SystemExit("error: use either --method or --compare, not both")
+    if args.method:
+        out.append(f"train.methods=[{args.method}]")
+    if args.compare:
+        out.append(f"train.methods=[{args.compare}]")
+    if args.model:
+        out.append(f"model.name={args.model}")
+    if args.data:
+        out.append(f"data.train={args.data}")
+    if args.out:
+        out.append(f"output.dir={args.out}")
+    if args.max_steps is not None:
+        out.append(f"train.max_steps={args.max_steps}")
+    if args.mesh:
+        for part in args.mesh.split(","):
+            if "=" not in part:
+                raise SystemExit(f"error: --mesh {args.mesh!r}: expected axis=size pairs like data=2,fsdp=4")
+            out.append(f"mesh.{part.strip()}")
+    if args.cpu_devices:
+        out.append(f"mesh.cpu_devices={args.cpu_devices}")
+    if args.distributed:
+        out.append("mesh.distributed=true")
+    return out + list(args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.cpu_devices:  # must happen before JAX initialises its backends
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+
+    import jax
+
+    from selfaug_jax.checkpoints.default_model import cache_dir
+    from selfaug_jax.experiment.config import ConfigError, build_config
+
+    # Persistent XLA compilation cache: a second run (or the default run after the smoke run) skips most compiles.
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    try:
+        cfg = build_config(args.preset, overrides_from_args(args))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if cfg.mesh.distributed:
+        import jax
+
+        jax.distributed.initialize()
+
+    from selfaug_jax.experiment.runner import run_experiment
+
+    t0 = time.perf_counter()
+    results = run_experiment(cfg, resume=args.resume, progress=not args.no_progress)
+    import jax
+
+    if jax.process_index() == 0:
+        print()
+        print(results["table"])
+        print(f"\nwall time: {time.perf_counter() - t0:.0f} s   report: {Path(cfg.output.dir) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The whole SelfAug experiment: data -> base evaluation -> train each method -> evaluate -> report.
+
+``run_experiment(cfg)`` is what ``python experiments/run.py`` calls. Every method starts from the same base model,
+the same tokenized data and the same seed, so the comparison table differs only by the method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from selfaug_jax.checkpoints.default_model import cache_dir
+from selfaug_jax.data import (
+    PromptConfig,
+    RagExample,
+    load_tfds_source,
+    read_examples,
+    tokenize_examples,
+    write_tfds_dataset,
+)
+from selfaug_jax.data.default_task import load_default_task
+from selfaug_jax.eval.report import write_report
+from selfaug_jax.eval.suite import evaluate_model, prepare_eval_data, reference_responses
+from selfaug_jax.experiment.config import ExperimentConfig
+from selfaug_jax.experiment.trainer import is_main_process, train_method
+from selfaug_jax.models import load_pretrained, resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_READER_FORMATS = {"auto": "auto", "jsonl": "jsonl", "crag": "crag", "rag-instruct": "rag_instruct"}
+
+
+def load_model(cfg: ExperimentConfig, model_dir: Path):
+    """The base model, in the configured precision (frozen base may be bf16; adapters stay float32)."""
+    return load_pretrained(
+        model_dir,
+        dtype=_DTYPES[cfg.model.dtype],
+        param_dtype=_DTYPES[cfg.model.param_dtype],
+        remat_policy=cfg.model.remat,
+        num_layers=cfg.model.num_layers,
+    )
+
+
+def load_train_examples(cfg: ExperimentConfig) -> list[RagExample]:
+    """The training examples (the shipped default task, or a file in a supported format)."""
+    if cfg.data.train == "default":
+        records = load_default_task("train")
+        examples = [RagExample.from_dict(r, where=f"default_task/train.jsonl:{i + 1}") for i, r in enumerate(records)]
+    else:
+        kwargs = {"split": cfg.data.crag_split} if cfg.data.format == "crag" or "crag" in cfg.data.train else {}
+        examples = list(read_examples(cfg.data.train, _READER_FORMATS[cfg.data.format], **kwargs))
+    if cfg.data.max_train_examples is not None:
+        examples = examples[: cfg.data.max_train_examples]
+    if not examples:
+        raise ValueError(f"no training examples in {cfg.data.train}")
+    return examples
+
+
+def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path):
+    """Tokenize the training set once into a tfds array_record dataset (cached by content hash) and open it."""
+    examples = load_train_examples(cfg)
+    key_src = json.dumps(
+        {
+            "data": cfg.data.train,
+            "format": cfg.data.format,
+            "n": len(examples),
+            "first_last": [examples[0].id, examples[-1].id],
+            "max_length": cfg.data.max_length,
+            "truncation": cfg.data.truncation,
+            "tokenizer": hashlib.sha256((model_dir / "tokenizer.json").read_bytes()).hexdigest()
+            if (model_dir / "tokenizer.json").exists()
+            else str(model_dir),
+            "version": 1,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    data_dir = cache_dir() / "datasets" / digest
+    stats_path = data_dir / "prompt_stats.json"
+    if not stats_path.exists() and is_main_process():
+        prompt_config = PromptConfig(max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+        tokenized, stats = tokenize_examples(examples, tokenizer, prompt_config)
+        dataset_dir = write_tfds_dataset({"train": tokenized}, data_dir, if_exists="overwrite")
+        record = {"dataset_dir": str(dataset_dir), "prompt_stats": stats.as_dict()}
+        stats_path.write_text(json.dumps(record, default=str))
+    record = json.loads(stats_path.read_text())
+    logger.info("training data: %s (%s)", record["dataset_dir"], record["prompt_stats"])
+    return load_tfds_source(record["dataset_dir"], "train"), record["prompt_stats"]
+
+
+def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the configured methods and write ``summary.json``, ``report.md`` and plots to ``cfg.output.dir``."""
+    t0 = time.perf_counter()
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    model_dir = resolve_model_dir(cfg.model.name)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    source, data_stats = tokenized_train_source(cfg, tokenizer, model_dir)
+
+    plan = None
+    n_devices = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
+    if n_devices > 1 or jax.process_count() > 1:
+        from selfaug_jax.train.sharding import ShardingPlan
+
+        plan = ShardingPlan.from_config(cfg.mesh)
+
+    eval_data = prepare_eval_data(tokenizer, cfg.eval)
+    base_model = load_model(cfg, model_dir)
+    t_eval = time.perf_counter()
+    ref_responses = reference_responses(base_model, tokenizer, eval_data, cfg.eval)
+    base_metrics, base_samples = evaluate_model(
+        base_model, tokenizer, eval_data, cfg.eval, original_model=base_model, reference_responses=ref_responses
+    )
+    logger.info("base evaluation: %.1fs", time.perf_counter() - t_eval)
+
+    results: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "data": {"train_examples": len(source), "prompt_stats": data_stats},
+        "methods": {"base": base_metrics},
+        "samples": {"base": base_samples},
+        "curves": {},
+        "evals_over_training": {},
+        "timing_s": {},
+    }
+    periodic = bool(cfg.train.eval_every_steps or cfg.train.eval_every_epoch)
+
+    for method in cfg.train.methods:
+        t_method = time.perf_counter()
+
+        def evaluate(model, step, epoch, _method=method):
+            return evaluate_model(model, tokenizer, eval_data, cfg.eval, original_model=base_model,
+                                  reference_responses=ref_responses)[0]
+
+        run = train_method(
+            method,
+            cfg,
+            model=load_model(cfg, model_dir),
+            source=source,
+            pad_id=pad_id,
+            out_dir=out / method,
+            resume=resume,
+            evaluate=evaluate if periodic else None,
+            plan=plan,
+            base_model_ref=str(model_dir),
+            progress=progress,
+        )
+        metrics, samples = evaluate_model(
+            run.eval_model(), tokenizer, eval_data, cfg.eval, original_model=base_model,
+            reference_responses=ref_responses,
+        )
+        results["methods"][method] = metrics
+        results["samples"][method] = samples
+        results["curves"][method] = run.curves
+        if periodic:
+            results["evals_over_training"][method] = (
+                [{"step": 0, "epoch": 0.0, **base_metrics}] + run.evals
+                + [{"step": run.total_steps, "epoch": run.total_steps / run.steps_per_epoch, **metrics}]
+            )
+        results["timing_s"][method] = {"train": round(run.wall_time_s, 1),
+                                       "total": round(time.perf_counter() - t_method, 1)}
+        del run
+
+    results["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    table = ""
+    if is_main_process():
+        table = write_report(results, out)
+        (out / "samples.json").write_text(json.dumps(results["samples"], indent=2, default=str) + "\n")
+    results["table"] = table
+    return results

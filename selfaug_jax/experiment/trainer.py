@@ -1,0 +1,288 @@
+"""The training loop: thin around the pure, jitted train step.
+
+Per method it: builds the train state, iterates batches from a resumable sampler, runs the step, logs metrics
+(``metrics.jsonl``, TensorBoard, a progress bar), saves Orbax checkpoints every N steps and at the end, resumes
+exactly from the latest checkpoint, stops cleanly on a non-finite loss, runs periodic evaluations, and exports
+the merged Hugging Face model and the PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from selfaug_jax.checkpoints.hf import save_hf_model
+from selfaug_jax.checkpoints.orbax import TrainCheckpointer
+from selfaug_jax.data.batching import BatchConfig, BatchIterator
+from selfaug_jax.data.tfds_source import EpochSampler
+from selfaug_jax.experiment.config import ExperimentConfig
+from selfaug_jax.lora import LoRAConfig, merge_lora, save_peft_adapter
+from selfaug_jax.models.decoder import DecoderLM
+from selfaug_jax.train.optimizer import make_optimizer
+from selfaug_jax.train.state import ModelDef, TrainState, init_train_state, uses_lora
+from selfaug_jax.train.step import StepConfig, make_train_step
+
+logger = logging.getLogger(__name__)
+
+LOGGED_KEYS = ("loss", "ce", "kl", "learning_rate", "grad_norm", "n_tokens", "n_target_tokens", "n_aligned_tokens")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class MethodRun:
+    """What one method's training produced."""
+
+    method: str
+    out_dir: Path
+    model_def: ModelDef
+    state: TrainState
+    curves: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    total_steps: int
+    steps_per_epoch: int
+    wall_time_s: float
+    resumed_from: int | None = None
+
+    def model(self) -> DecoderLM:
+        """The trained model as trained (adapters attached for LoRA methods), on the live state."""
+        return self.model_def.merged_model(self.state)
+
+    def eval_model(self) -> DecoderLM:
+        """The trained model for evaluation: LoRA folded into the weights (on copies), so it has the base model's
+        structure and every jitted evaluation function compiled for the base model is reused."""
+        return eval_model(self.model_def, self.state)
+
+
+def eval_model(model_def: ModelDef, state: TrainState) -> DecoderLM:
+    """A standalone copy of the policy with LoRA merged (see :meth:`MethodRun.eval_model`)."""
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (new Variables: the state is never touched)
+    model = model_def.policy(copy(state.trainable), copy(state.frozen))
+    return merge_lora(model) if uses_lora(model_def.method) else model
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def lora_config_of(cfg: ExperimentConfig) -> LoRAConfig:
+    return LoRAConfig(
+        rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules
+    )
+
+
+def batch_config_of(cfg: ExperimentConfig, pad_id: int) -> BatchConfig:
+    buckets = tuple(sorted(b for b in cfg.data.buckets if b <= max(cfg.data.buckets)))
+    return BatchConfig(
+        batch_size=cfg.train.batch_size,
+        buckets=buckets,
+        pad_id=pad_id,
+        pack=cfg.data.pack,
+        pack_length=max(buckets) if cfg.data.pack else None,
+        on_too_long="error",
+    )
+
+
+def count_batches_per_epoch(source, batch_config: BatchConfig, seed: int) -> int:
+    """Batches in one epoch (a dry pass over the sampler when packing; arithmetic otherwise)."""
+    if not batch_config.pack:
+        return len(source) // batch_config.batch_size
+    it = BatchIterator(EpochSampler(source, seed=seed, shuffle=True, num_epochs=1), batch_config)
+    return sum(1 for _ in it)
+
+
+class MetricsLogger:
+    """``metrics.jsonl`` (+ TensorBoard) writer; on resume, keeps only the lines up to the restored step."""
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+        self.enabled = is_main_process()
+        if not self.enabled:
+            self.writer = None
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    out = {}
+    for k in LOGGED_KEYS:
+        v = np.asarray(jax.device_get(metrics[k]))
+        out["lr" if k == "learning_rate" else k] = int(v) if v.dtype.kind in "iu" else float(v)
+    return out
+
+
+def train_method(
+    method: str,
+    cfg: ExperimentConfig,
+    *,
+    model: DecoderLM,
+    source,
+    pad_id: int,
+    out_dir: Path,
+    resume: bool = False,
+    evaluate: Callable[[DecoderLM, int, float], dict[str, Any]] | None = None,
+    plan: Any = None,
+    base_model_ref: str = "",
+    progress: bool = True,
+) -> MethodRun:
+    """Train ``model`` with ``method`` on ``source`` (a random-access tokenized dataset).
+
+    Args:
+        evaluate: called as ``evaluate(model, step, epoch)`` every ``train.eval_every_steps`` / epoch; its dict
+            is recorded in ``MethodRun.evals`` and ``evals.jsonl``.
+        plan: a :class:`selfaug_jax.train.sharding.ShardingPlan` for multi-device runs (``None``: one device).
+    """
+    t_start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = cfg.train
+    batch_config = batch_config_of(cfg, pad_id)
+    steps_per_epoch = count_batches_per_epoch(source, batch_config, tcfg.seed)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(source)} training examples make no batch of {tcfg.batch_size}")
+    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+
+    optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)
+    model_def, state = init_train_state(model, method, optimizer, lora_config=lora_config_of(cfg), seed=tcfg.seed)
+    step_config = StepConfig(
+        loss=cfg.loss, grad_accum_steps=tcfg.grad_accum_steps, accum_normalization=tcfg.accum_normalization
+    )
+    if plan is not None:
+        state = plan.shard_state(state)
+        step_fn = make_train_step(
+            model_def, optimizer, schedule, step_config,
+            state_shardings=plan.state_shardings(state), batch_sharding=plan.batch_sharding(),
+        )
+    else:
+        step_fn = make_train_step(model_def, optimizer, schedule, step_config)
+
+    iterator = BatchIterator(EpochSampler(source, seed=tcfg.seed, shuffle=True), batch_config)
+    checkpointer = TrainCheckpointer(out_dir / "checkpoints", max_to_keep=tcfg.keep_checkpoints)
+    resumed_from = None
+    if resume and checkpointer.latest_step() is not None:
+        state, extra = checkpointer.restore(state)
+        iterator.set_state(extra["data_state"])
+        resumed_from = int(state.step)
+        logger.info("%s: resumed from step %d", method, resumed_from)
+    metrics_log = MetricsLogger(out_dir, tensorboard=cfg.output.tensorboard, resume_step=resumed_from)
+    evals: list[dict[str, Any]] = []
+    evals_path = out_dir / "evals.jsonl"
+    if resumed_from is not None and evals_path.exists():
+        evals = [json.loads(x) for x in evals_path.read_text().splitlines() if x.strip()]
+        evals = [e for e in evals if e["step"] <= resumed_from]
+    if is_main_process():
+        evals_path.write_text("".join(json.dumps(e) + "\n" for e in evals))
+
+    def run_eval(step: int) -> None:
+        if evaluate is None:
+            return
+        record = {"step": step, "epoch": step / steps_per_epoch}
+        record.update(evaluate(eval_model(model_def, state), step, step / steps_per_epoch))
+        evals.append(record)
+        if is_main_process():
+            with evals_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(step: int) -> None:
+        extra = {"data_state": iterator.state, "base_model": base_model_ref, "method": method, "step": step,
+                 "config": cfg.to_dict()}
+        checkpointer.save(step, state, extra)
+
+    start = int(state.step)
+    bar = tqdm(total=total_steps, initial=start, desc=method, disable=not (progress and is_main_process()),
+               dynamic_ncols=True)
+    tokens_since, t_since = 0, time.perf_counter()
+    try:
+        for step in range(start + 1, total_steps + 1):
+            batch = next(iterator).arrays()
+            batch = plan.put_batch(batch) if plan is not None else {k: jnp.asarray(v) for k, v in batch.items()}
+            state, metrics = step_fn(state, batch)
+            host = _host_metrics(metrics)  # one small host transfer per step (the loop is not the hot path)
+            if not all(math.isfinite(host[k]) for k in ("loss", "ce", "kl")):
+                raise TrainingDivergedError(
+                    f"{method}: non-finite loss at step {step} (loss={host['loss']}, ce={host['ce']}, "
+                    f"kl={host['kl']}); stopping. The last good checkpoint is kept in {checkpointer.directory} "
+                    f"(step {checkpointer.latest_step()})."
+                )
+            tokens_since += host["n_tokens"]
+            now = time.perf_counter()
+            if step % tcfg.log_every == 0 or step == total_steps:
+                tokens_per_s = tokens_since / max(now - t_since, 1e-9)
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **host,
+                          "tokens_per_s": round(tokens_per_s, 2)}
+                metrics_log.log(record)
+                bar.set_postfix(loss=f"{host['loss']:.4f}", ce=f"{host['ce']:.4f}", kl=f"{host['kl']:.2e}",
+                                tok_s=f"{tokens_per_s:.0f}")
+                tokens_since, t_since = 0, now
+            bar.update(1)
+            if step % tcfg.checkpoint_every == 0 or step == total_steps:
+                save(step)
+            if tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0 and step != total_steps:
+                run_eval(step)
+            elif tcfg.eval_every_epoch and step % steps_per_epoch == 0 and step != total_steps:
+                run_eval(step)
+    finally:
+        bar.close()
+        metrics_log.close()
+        checkpointer.close()
+
+    run = MethodRun(
+        method=method,
+        out_dir=out_dir,
+        model_def=model_def,
+        state=state,
+        curves=metrics_log.records,
+        evals=evals,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        wall_time_s=time.perf_counter() - t_start,
+        resumed_from=resumed_from,
+    )
+    if tcfg.export and is_main_process():
+        export_run(run, cfg, base_model_ref)
+    return run
+
+
+def export_run(run: MethodRun, cfg: ExperimentConfig, base_model_ref: str) -> None:
+    """Write ``export/hf`` (merged model, loadable by transformers) and, for LoRA methods, ``export/adapter``."""
+    export = run.out_dir / "export"
+    if uses_lora(run.method):
+        save_peft_adapter(run.model(), lora_config_of(cfg), export / "adapter", base_model_name_or_path=base_model_ref)
+    model = run.eval_model()
+    tokenizer_dir = base_model_ref if base_model_ref and Path(base_model_ref).is_dir() else None
+    save_hf_model(model, export / "hf", tokenizer_dir=tokenizer_dir)
