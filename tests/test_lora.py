@@ -81,4 +81,6 @@ def test_peft_export_reproduces_logits_and_merge(tiny, tmp_path):
     # merge folds the adapters into the kernels
     merged = merge_lora(model)
     assert not list(nnx.to_flat_state(nnx.state(merged, LoRAParam)))
+    # same structure as the plain base model, so jitted evaluation functions are shared
+    assert nnx.graphdef(merged) == nnx.graphdef(load_pretrained(d))
     np.testing.assert_allclose(np.asarray(merged(jnp.asarray(ids))), ours, atol=1e-5, rtol=0)

@@ -27,7 +27,7 @@ from selfaug_jax.data import (
 )
 from selfaug_jax.data.default_task import load_default_task
 from selfaug_jax.eval.report import write_report
-from selfaug_jax.eval.suite import evaluate_model, prepare_eval_data, reference_responses
+from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_eval_data, reference_responses
 from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.experiment.trainer import is_main_process, train_method
 from selfaug_jax.models import load_pretrained, resolve_model_dir
@@ -131,6 +131,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         "config": cfg.to_dict(),
         "data": {"train_examples": len(source), "prompt_stats": data_stats},
         "methods": {"base": base_metrics},
+        "metric_info": dict(EXTRA_METRIC_INFO),
         "samples": {"base": base_samples},
         "curves": {},
         "evals_over_training": {},

@@ -11,7 +11,8 @@ The final hidden states are available separately from the LM head (:meth:`Decode
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,26 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 }
 
 KVCache = list[tuple[jnp.ndarray, jnp.ndarray]]  # per layer: (k [b, s, k, d], v [b, s, k, d])
+
+# Optional activation-sharding hook ``(x, kind) -> x`` (set by ``selfaug_jax.train.sharding`` while a sharded step
+# is traced); ``None``: no constraints, the single-device path.
+_ACTIVATION_HOOK: Callable[[jnp.ndarray, str], jnp.ndarray] | None = None
+
+
+@contextlib.contextmanager
+def activation_hook(hook: Callable[[jnp.ndarray, str], jnp.ndarray] | None) -> Iterator[None]:
+    """Install ``hook`` (e.g. a ``with_sharding_constraint`` on a mesh) for the activations traced in the block."""
+    global _ACTIVATION_HOOK
+    previous, _ACTIVATION_HOOK = _ACTIVATION_HOOK, hook
+    try:
+        yield
+    finally:
+        _ACTIVATION_HOOK = previous
+
+
+def constrain_activation(x: jnp.ndarray, kind: str) -> jnp.ndarray:
+    """Apply the active activation hook (a no-op without one). ``kind``: e.g. ``"hidden_btd"``."""
+    return x if _ACTIVATION_HOOK is None else _ACTIVATION_HOOK(x, kind)
 
 
 class LoRAParam(nnx.Variable):
@@ -65,8 +86,10 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         # Set by selfaug_jax.lora.add_lora; static python values otherwise.
-        self.lora_a: LoRAParam | None = None
-        self.lora_b: LoRAParam | None = None
+        # Data attributes even when empty, so a model whose adapters were merged away has the same graphdef
+        # (and reuses the same compiled functions) as the plain base model.
+        self.lora_a: LoRAParam | None = nnx.data(None)
+        self.lora_b: LoRAParam | None = nnx.data(None)
         self.lora_scale: float = 0.0
         self.lora_dropout: float = 0.0
 
@@ -263,7 +286,7 @@ class DecoderLM(nnx.Module):
         index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         masks = self._layer_masks(index_bt, index_bt, attention_mask, segment_ids, segment_ids)
         x_btd, _ = self._run_layers(self.embed_tokens(input_ids_bt), positions, masks, None, None, dropout_rng)
-        return self.norm(x_btd)
+        return constrain_activation(self.norm(x_btd), "hidden_btd")
 
     def __call__(
         self,
@@ -338,6 +361,7 @@ class DecoderLM(nnx.Module):
         cos_btd, sin_btd = rope_cos_sin(positions_bt, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         policy = REMAT_POLICIES[self.remat_policy]
         new_cache: KVCache = []
+        x_btd = constrain_activation(x_btd, "hidden_btd")
         for i, layer in enumerate(self.layers):
             layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             layer_cache = None if cache is None else cache[i]
@@ -351,6 +375,7 @@ class DecoderLM(nnx.Module):
             else:
                 x_btd, c = layer(x_btd, cos_btd, sin_btd, masks[i], layer_cache, cache_index, layer_rng)
                 new_cache.append(c)
+            x_btd = constrain_activation(x_btd, "hidden_btd")
         return x_btd, (new_cache if cache is not None else None)
 
 
