@@ -230,7 +230,10 @@ def train_method(
     try:
         for step in range(start + 1, total_steps + 1):
             batch = next(iterator).arrays()
-            batch = plan.put_batch(batch) if plan is not None else {k: jnp.asarray(v) for k, v in batch.items()}
+            if plan is not None:  # every host builds the same global batch; each places only its own rows
+                batch = plan.put_batch(batch, is_global=True)
+            else:
+                batch = {k: jnp.asarray(v) for k, v in batch.items()}
             state, metrics = step_fn(state, batch)
             host = _host_metrics(metrics)  # one small host transfer per step (the loop is not the hot path)
             if not all(math.isfinite(host[k]) for k in ("loss", "ce", "kl")):

@@ -204,6 +204,9 @@ def make_train_step(
     fn = train_step_fn(model_def, optimizer, schedule, config)
     if state_shardings is None:
         return jax.jit(fn, donate_argnums=(0,))
+    from selfaug_jax.train.sharding import with_activation_sharding  # hidden-state sharding constraints
+
+    fn = with_activation_sharding(fn, state_shardings)
     return jax.jit(
         fn,
         donate_argnums=(0,),
@@ -229,4 +232,7 @@ def make_eval_step(
 
     if state_shardings is None:
         return jax.jit(eval_step)
+    from selfaug_jax.train.sharding import with_activation_sharding
+
+    eval_step = with_activation_sharding(eval_step, state_shardings)
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding))
