@@ -244,8 +244,11 @@ def _divergence_per_token(logits_f32: jax.Array, ref_logits_f32: jax.Array, *, d
     if temperature != 1.0:
         logits_f32 = logits_f32 / temperature
         ref_logits_f32 = ref_logits_f32 / temperature
-    logp = jax.nn.log_softmax(logits_f32, axis=-1)       # policy
-    logr = jax.nn.log_softmax(ref_logits_f32, axis=-1)   # reference
+    # One log_softmax over both, stacked: the two normalisers are computed by the same kernel in the same order,
+    # so identical logits give bit-identical log-probs (KL exactly 0 at step 0) even when the policy side is being
+    # differentiated and XLA would otherwise fuse (and round) the two reductions differently.
+    both = jax.nn.log_softmax(jnp.stack([logits_f32, ref_logits_f32]), axis=-1)
+    logp, logr = both[0], both[1]                        # policy, reference
     if direction == "jsd" and beta == 0.0:
         direction = "forward"
     if direction == "jsd" and beta == 1.0:

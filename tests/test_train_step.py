@@ -156,7 +156,8 @@ def test_default_accumulation_is_mean_of_micro_batch_losses(tiny):
     np.testing.assert_allclose(float(m["loss"]), np.mean([float(x[1]["loss"]) for x in per_micro]), rtol=1e-5)
     np.testing.assert_allclose(float(m["kl"]), np.mean([float(x[1]["kl"]) for x in per_micro]), rtol=1e-5)
     for a, b, c in zip(jax.tree.leaves(g), jax.tree.leaves(per_micro[0][0]), jax.tree.leaves(per_micro[1][0])):
-        np.testing.assert_allclose(np.asarray(a), (np.asarray(b) + np.asarray(c)) / 2, rtol=1e-5, atol=1e-8)
+        expected = (np.asarray(b) + np.asarray(c)) / 2
+        np.testing.assert_allclose(np.asarray(a), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_eval_step_matches_train_metrics(tiny):
@@ -167,7 +168,7 @@ def test_eval_step_matches_train_metrics(tiny):
     eval_metrics = make_eval_step(model_def)(state, batch)
     _, train_metrics = step(state, batch)
     for key in ("loss", "ce", "kl", "n_target_tokens", "n_aligned_tokens"):
-        np.testing.assert_allclose(float(eval_metrics[key]), float(train_metrics[key]), rtol=1e-6)
+        np.testing.assert_allclose(float(eval_metrics[key]), float(train_metrics[key]), rtol=1e-5)
 
 
 def test_selfaug_fits_while_staying_close_and_lora_drifts(tmp_path):

@@ -74,9 +74,19 @@ class ModelDef:
         return nnx.merge(self.policy_graphdef, trainable)
 
     def reference(self, trainable, frozen) -> DecoderLM:
-        """The original model, from stop-gradient frozen params."""
+        """The original model, from stop-gradient frozen params.
+
+        For LoRA methods it is the *policy graph* with the adapters multiplied by zero: mathematically the base
+        model (the adapter update is exactly +0), and compiled into the same kernels as the policy, so at step 0
+        (B = 0) the two forwards are bit-identical and the KL is exactly 0. (The adapter-free base graph can
+        differ in the last bits: XLA merges and tiles the policy's extra rank-r matmuls differently.) The cost is
+        the rank-r matmuls in the reference forward, a few percent of a step.
+        """
         if self.reference_graphdef is None:
             raise ValueError(f"method {self.method!r} has no reference model")
+        if uses_lora(self.method):
+            zero_adapters = jax.tree.map(lambda x: jax.lax.stop_gradient(x) * 0, trainable)
+            return nnx.merge(self.policy_graphdef, zero_adapters, jax.lax.stop_gradient(frozen))
         return nnx.merge(self.reference_graphdef, jax.lax.stop_gradient(frozen))
 
     def merged_model(self, state: TrainState) -> DecoderLM:

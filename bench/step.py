@@ -1,0 +1,402 @@
+"""Benchmark: training-step throughput, peak RSS and MFU of one SelfAug / baseline train step (issue 5).
+
+Builds the real jitted train step (``selfaug_jax.train.step.make_train_step``) on the default model
+(SmolLM2-135M-Instruct unless ``--model``), feeds it synthetic batches (fixed seed; the first 75% of every row is
+prompt, labels ``-100``, the rest is response, no padding), excludes the first (compiling) step, times ``--steps``
+more and prints one JSON line, also appended to ``bench/results/step_<platform>.jsonl`` (or ``--out``).
+
+Usage::
+
+    python bench/step.py --method selfaug --batch 4 --seq 256 --steps 5
+    python bench/step.py --method lora --batch 1 --seq 2048 --steps 3 --remat dots --dtype float32
+    python bench/step.py --method selfaug --batch 8 --seq 512 --steps 5 --mesh data=2,fsdp=1,tensor=1 --cpu-devices 2
+    python bench/step.py --table bench/results/step_cpu.jsonl     # markdown table + selfaug/lora ratios
+
+Run every configuration in a fresh process: ``peak_rss_mb`` is the process-wide ``ru_maxrss``.
+
+FLOP model (``model_flops_per_step``; matmul FLOPs only, 2 FLOPs per multiply-add, no credit for remat recompute)
+----------------------------------------------------------------------------------------------------------------
+Notation: ``tok = B * T`` tokens per step, ``L`` layers, ``D`` hidden size, ``T`` sequence length,
+``N`` = matmul parameters touched per token = all decoder-layer projection kernels (q, k, v, o, gate, up, down)
+plus the LM head ``D * V`` (the tied embedding counts once, as the head; the embedding *lookup* is free),
+``N_lora`` = adapter parameters (``r * (in + out)`` per adapted projection).
+
+Per-sequence attention score/value matmuls (``QK^T`` and ``PV``), counted dense (causal masking not halved, as
+in PaLM's MFU): forward ``A_fwd = 4 * L * T^2 * D`` per sequence (``2 T^2 D`` each for ``QK^T`` and ``PV``), backward
+``2 * A_fwd``.
+
+* ``sft`` (full fine-tuning):  ``F = 6 * N * tok + 12 * L * T^2 * D * B``
+  (forward ``2N``, activation gradients ``2N``, weight gradients ``2N`` per token).
+* ``lora``:  ``F = 4 * N * tok + 6 * N_lora * tok + 12 * L * T^2 * D * B``
+  (the frozen base still costs its forward ``2N`` and the activation gradients ``2N`` that flow back through it;
+  weight gradients exist only for the adapters; attention backward is all activation gradients, so ``3 * A_fwd``).
+* ``selfaug`` = ``lora`` + reference forward ``2 * N * tok + 4 * L * T^2 * D * B``.
+* ``sft-selfaug`` = ``sft`` + the same reference forward.
+
+The SelfAug loss' own work (softmax, KL) and the extra head matmul of the fused loss' ``precompute`` gradient mode
+are overhead, not model FLOPs. ``model_flops_per_step_6n`` is the common ``6 * N_active * tok + attention``
+convention (``6N`` for the policy even under LoRA, reference ``2N``), reported so the figures compare with MFU
+numbers quoted that way.
+
+``mfu = model_flops_per_step / median_step_s / peak_flops``; ``peak_flops`` is measured once per device kind and
+dtype with a large square matmul (``--peak-n``, default 4096; best of 5) and cached in
+``bench/results/peak_flops_<device>_<dtype>.json`` (``--remeasure-peak`` refreshes it). On a shared CPU host both the
+peak and the step are measured under whatever load there is: the ``load_avg`` fields record it, and
+``median_step_cpu_s`` (process CPU seconds per step, all threads) is a contention-robust companion of the wall time
+for comparing configurations measured under different load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+METHODS = ("lora", "selfaug", "sft", "sft-selfaug")
+PROMPT_FRACTION = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """Mesh sizes for ``ShardingPlan.from_config`` (the same fields as the experiment config's ``mesh``)."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    cpu_devices: int = 0
+    distributed: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    @classmethod
+    def parse(cls, text: str | None, cpu_devices: int) -> "MeshSpec":
+        """``"data=2,fsdp=1,tensor=1"`` -> MeshSpec (missing axes are 1)."""
+        sizes: dict[str, int] = {}
+        for part in filter(None, (text or "").split(",")):
+            key, _, value = part.partition("=")
+            key = key.strip()
+            if key not in ("data", "fsdp", "tensor") or not value.strip().isdigit():
+                raise SystemExit(f"--mesh: bad entry {part!r}; expected data=N,fsdp=N,tensor=N")
+            sizes[key] = int(value)
+        return cls(**sizes, cpu_devices=cpu_devices)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--method", choices=METHODS, help="required unless --table")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (B)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (T)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after the compile step")
+    p.add_argument("--model", default=None, help="model name or HF dir (default: smollm2-135m-instruct)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute and param dtype")
+    p.add_argument("--remat", choices=("none", "full", "dots", "dots_saveable"), default="dots",
+                   help="per-layer remat policy (training default: dots)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=512, help="fused-loss vocabulary chunk (tokens)")
+    p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (needs train.sharding.ShardingPlan)")
+    p.add_argument("--cpu-devices", type=int, default=0, help="fake N CPU devices (XLA host platform)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak FLOP/s measurement")
+    p.add_argument("--remeasure-peak", action="store_true")
+    p.add_argument("--json", action="store_true", help="print only the JSON line (no progress on stderr)")
+    p.add_argument("--out", default=None, help="JSONL to append to (default bench/results/step_<platform>.jsonl)")
+    p.add_argument("--table", default=None, metavar="JSONL",
+                   help="print a markdown table (and lora/selfaug ratios) of a results JSONL, then exit")
+    args = p.parse_args(argv)
+    if args.method is None and args.table is None:
+        p.error("--method is required")
+    return args
+
+
+def markdown_table(path: str | Path) -> str:
+    """A markdown table of the records in ``path`` plus the selfaug/lora (sft-selfaug/sft) ratios per shape."""
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    recs.sort(key=lambda r: (r["seq"], r["batch"], METHODS.index(r["method"])))
+    rows = [
+        "| method | B x T | dtype | remat | median step s (wall) | median step s (cpu) | tokens/s | peak RSS MB "
+        "| compile s | model GFLOP/step | MFU | MFU (6N) | load avg (1/5/15 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        cpu = r.get("median_step_cpu_s")
+        rows.append(
+            f"| {r['method']} | {r['batch']} x {r['seq']} | {r['dtype']} | {r['remat']} | {r['median_step_s']:.1f} "
+            f"| {'-' if cpu is None else f'{cpu:.1f}'} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['compile_s']:.0f} | {r['model_flops_per_step'] / 1e9:.0f} | {r['mfu']:.1%} | {r['mfu_6n']:.1%} "
+            f"| {' / '.join(str(x) for x in r['load_avg'] or [])} |"
+        )
+    by = {(r["method"], r["batch"], r["seq"], r["dtype"], r["remat"]): r for r in recs}
+    ratio_rows = [
+        "",
+        "| shape | pair | step time ratio (wall) | step time ratio (cpu) | peak RSS delta MB |",
+        "|---|---|---|---|---|",
+    ]
+    for (method, b, t, dt, rm), r in by.items():
+        base_method = {"selfaug": "lora", "sft-selfaug": "sft"}.get(method)
+        base = by.get((base_method, b, t, dt, rm)) if base_method else None
+        if base is None:
+            continue
+        cpu = (
+            f"{r['median_step_cpu_s'] / base['median_step_cpu_s']:.2f}"
+            if r.get("median_step_cpu_s") and base.get("median_step_cpu_s") else "-"
+        )
+        ratio_rows.append(
+            f"| {b} x {t} {dt} remat={rm} | {method} / {base_method} "
+            f"| {r['median_step_s'] / base['median_step_s']:.2f} | {cpu} "
+            f"| {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} |"
+        )
+    return "\n".join(rows + (ratio_rows if len(ratio_rows) > 3 else []))
+
+
+def log(args: argparse.Namespace, msg: str) -> None:
+    if not args.json:
+        print(f"[step.py {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (Linux ``ru_maxrss`` is in KiB, macOS in bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6
+
+
+def load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def model_flops(cfg: Any, method: str, batch: int, seq: int, lora_params: int) -> dict[str, float]:
+    """Analytic FLOPs per step (see the module docstring). ``cfg``: the model's ``ModelConfig``."""
+    d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    hd = cfg.head_dim
+    q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_layer = d * q_out + 2 * d * kv_out + q_out * d + 3 * d * f
+    n = layers * per_layer + d * v  # + LM head (tied or not, one D x V matmul per token)
+    tok = batch * seq
+    attn_fwd = 4 * layers * seq * seq * q_out * batch  # QK^T + PV, dense
+    if method in ("lora", "selfaug"):
+        policy = 4 * n * tok + 6 * lora_params * tok + 3 * attn_fwd
+    else:
+        policy = 6 * n * tok + 3 * attn_fwd
+    policy_6n = 6 * (n + (lora_params if method in ("lora", "selfaug") else 0)) * tok + 3 * attn_fwd
+    reference = 2 * n * tok + attn_fwd if method in ("selfaug", "sft-selfaug") else 0
+    return {
+        "n_matmul_params": n,
+        "n_lora_params": lora_params,
+        "policy_flops": float(policy),
+        "reference_flops": float(reference),
+        "model_flops_per_step": float(policy + reference),
+        "model_flops_per_step_6n": float(policy_6n + reference),
+    }
+
+
+def measure_peak_flops(jax, jnp, n: int, dtype: str, repeats: int = 5) -> dict[str, Any]:
+    """Best-of-``repeats`` FLOP/s of an ``n x n @ n x n`` matmul on the default device."""
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.dtype(dtype))
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return {"peak_flops": 2 * n**3 / min(times), "n": n, "dtype": dtype, "times_s": times}
+
+
+def cached_peak_flops(args: argparse.Namespace, jax, jnp, device_kind: str) -> dict[str, Any]:
+    """The cached peak FLOP/s of this device kind and dtype, measuring (and caching) it if absent."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_").lower() or "unknown"
+    path = RESULTS / f"peak_flops_{slug}_{args.dtype}.json"
+    if path.exists() and not args.remeasure_peak:
+        return json.loads(path.read_text())
+    log(args, f"measuring peak FLOP/s ({args.peak_n}^2 {args.dtype} matmul) -> {path.name}")
+    rec = measure_peak_flops(jax, jnp, args.peak_n, args.dtype)
+    rec.update(device_kind=device_kind, load_avg=load_avg(), jax_version=jax.__version__,
+               host=platform.node(), cpu_count=os.cpu_count(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int, seed: int):
+    """Int32 ``[B, T]`` arrays: random token ids; labels -100 on the first 75% (prompt), ids on the rest."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int32)
+    labels = ids.copy()
+    labels[:, : int(PROMPT_FRACTION * seq)] = -100
+    return {"input_ids_bt": ids, "labels_bt": labels, "attention_mask_bt": np.ones((batch, seq), np.int32)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return None
+    mesh = MeshSpec.parse(args.mesh, args.cpu_devices)
+    if args.cpu_devices > 1:  # must precede jax initialisation
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
+        ).strip()
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    sys.path.insert(0, str(ROOT))
+    from selfaug_jax.loss import SelfAugLossConfig
+    from selfaug_jax.lora import LoRAConfig
+    from selfaug_jax.models import DEFAULT_MODEL, LoRAParam, load_pretrained
+    from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from selfaug_jax.train.state import init_train_state, uses_lora
+    from selfaug_jax.train.step import StepConfig, make_train_step
+
+    plan = None
+    if mesh.size > 1 or args.mesh:
+        try:
+            from selfaug_jax.train.sharding import ShardingPlan
+        except ImportError as exc:
+            if mesh.size > 1:
+                raise SystemExit(
+                    f"--mesh {args.mesh} needs selfaug_jax.train.sharding.ShardingPlan, which is not importable "
+                    f"({exc}); run without --mesh (single device)"
+                ) from exc
+            ShardingPlan = None  # noqa: N806 -- a 1x1x1 mesh is the single-device path anyway
+        if ShardingPlan is not None:
+            plan = ShardingPlan.from_config(mesh)
+    if plan is None and mesh.size > 1:
+        raise SystemExit("internal: mesh > 1 without a sharding plan")
+    if mesh.size > 1 and mesh.size > jax.device_count():
+        raise SystemExit(f"--mesh needs {mesh.size} devices, have {jax.device_count()} (use --cpu-devices)")
+
+    dtype = jnp.dtype(args.dtype)
+    device = jax.devices()[0]
+    device_kind = device.device_kind
+    t0 = time.perf_counter()
+    model = load_pretrained(args.model or DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat)
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    log(args, f"loaded {args.model or DEFAULT_MODEL} in {load_s:.1f}s on {device_kind} ({jax.device_count()} dev)")
+
+    optimizer, schedule = make_optimizer(OptimizerConfig(), total_steps=args.steps + 1)
+    lora_config = LoRAConfig(rank=args.lora_rank)
+    model_def, state = init_train_state(model, args.method, optimizer, lora_config=lora_config, seed=args.seed)
+    del model
+    lora_params = 0
+    if uses_lora(args.method):
+        lora_params = sum(int(x.size) for x in jax.tree.leaves(state.trainable))
+    step_config = StepConfig(loss=SelfAugLossConfig(chunk_size=args.chunk_size))
+    if plan is not None:
+        state = plan.shard_state(state)
+        step_fn = make_train_step(model_def, optimizer, schedule, step_config,
+                                  state_shardings=plan.state_shardings(state), batch_sharding=plan.batch_sharding())
+    else:
+        step_fn = make_train_step(model_def, optimizer, schedule, step_config)
+
+    def put(np_batch):
+        if plan is not None:
+            return plan.put_batch(np_batch)
+        return {k: jnp.asarray(v) for k, v in np_batch.items()}
+
+    batches = [put(synthetic_batch(args.batch, args.seq, cfg.vocab_size, args.seed + i)) for i in range(2)]
+
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batches[0])
+    jax.block_until_ready((state, metrics))
+    compile_s = time.perf_counter() - t0  # compile + first execution
+    first_loss = float(metrics["loss"])
+    log(args, f"compile step {compile_s:.1f}s, loss {first_loss:.4f}")
+
+    times, cpu_times = [], []
+    for i in range(args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        state, metrics = step_fn(state, batches[(i + 1) % 2])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        log(args, f"step {i + 1}/{args.steps}: {times[-1]:.2f}s wall, {cpu_times[-1]:.2f}s cpu, "
+                  f"loss {float(metrics['loss']):.4f}")
+    loss = float(metrics["loss"])
+    if not (loss == loss):
+        raise SystemExit("loss is NaN")
+
+    rss_mb = peak_rss_mb()  # before the (tiny) peak-FLOP/s matmul, which may run below
+    median = statistics.median(times)
+    tokens = args.batch * args.seq
+    flops = model_flops(cfg, args.method, args.batch, args.seq, lora_params)
+    peak = cached_peak_flops(args, jax, jnp, device_kind)
+    peak_flops = float(peak["peak_flops"])
+    rec = {
+        "method": args.method,
+        "batch": args.batch,
+        "seq": args.seq,
+        "tokens_per_step": tokens,
+        "steps": args.steps,
+        "median_step_s": median,
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "step_times_s": times,
+        "tokens_per_s": tokens / median,
+        "median_step_cpu_s": statistics.median(cpu_times),
+        "step_cpu_times_s": cpu_times,
+        "peak_rss_mb": round(rss_mb, 1),
+        "compile_s": compile_s,
+        "load_s": load_s,
+        "model_flops_per_step": flops["model_flops_per_step"],
+        "model_flops_per_step_6n": flops["model_flops_per_step_6n"],
+        "policy_flops": flops["policy_flops"],
+        "reference_flops": flops["reference_flops"],
+        "n_matmul_params": flops["n_matmul_params"],
+        "n_lora_params": lora_params,
+        "achieved_flops": flops["model_flops_per_step"] / median,
+        "peak_flops": peak_flops,
+        "peak_flops_load_avg": peak.get("load_avg"),
+        "mfu": flops["model_flops_per_step"] / median / peak_flops,
+        "mfu_6n": flops["model_flops_per_step_6n"] / median / peak_flops,
+        "first_loss": first_loss,
+        "last_loss": loss,
+        "model": args.model or DEFAULT_MODEL,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "lora_rank": args.lora_rank if uses_lora(args.method) else None,
+        "chunk_size": args.chunk_size,
+        "mesh": dataclasses.asdict(mesh) if args.mesh else None,
+        "platform": device.platform,
+        "device_kind": device_kind,
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "load_avg": load_avg(),
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    line = json.dumps(rec)
+    print(line, flush=True)
+    out = Path(args.out) if args.out else RESULTS / f"step_{device.platform}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        fh.write(line + "\n")
+    return rec
+
+
+if __name__ == "__main__":
+    main()
