@@ -1,0 +1,391 @@
+"""Every evaluation of one model: RAG answers, IFEval-style instructions, distribution shift, multiple choice.
+
+Three steps, so that nothing is computed twice in a run (base, LoRA, SelfAug ... evaluations)::
+
+    data = prepare_eval_data(tokenizer, EvalConfig())                    # once: prompts, nothing model-dependent
+    refs = reference_responses(original, tokenizer, data, config)        # once, before training: original's answers
+    metrics, samples = evaluate_model(model, tokenizer, data, config, original_model=original,
+                                      reference_responses=refs)         # per model / checkpoint
+
+What is measured (keys follow :data:`selfaug_jax.eval.report.DEFAULT_METRIC_INFO`; extra keys are described in
+:data:`EXTRA_METRIC_INFO`, in the ``results["metric_info"]`` format, to pass to the report):
+
+* **RAG** (``rag_em``, ``rag_f1``, ``rag_contains``, ``rag_refusal_acc``, ``rag_false_refusal``): greedy answers
+  (``max_new_tokens_rag``) to the RAG prompts, rendered exactly like the training data: the example's system prompt
+  (the default task's ``SYSTEM_PROMPT``), the user turn through the documents template
+  (``config.documents_template``, the data module's default) and the tokenizer's chat template with the generation
+  prompt; scored by :func:`selfaug_jax.eval.rag_metrics.evaluate_rag`. ``rag_refusal_acc`` is the accuracy on
+  unanswerable examples (None when the subset has none), ``rag_false_refusal`` the refusal rate on answerable ones.
+* **IFEval** (``ifeval_{prompt,inst}_{strict,loose}``): greedy responses (``max_new_tokens_ifeval``) to the
+  IFEval-style probes, scored by :func:`selfaug_jax.eval.ifeval.evaluate_ifeval`.
+* **Shift** (``shift_{general,rag}_{input,response}``): mean per-token KL(p_original || p_model) on the general
+  prompts and on RAG prompts (the ``shift_rag_split`` of the default task, other examples than the RAG evaluation)
+  followed by the *original* model's own greedy responses (:func:`reference_responses`); see
+  :mod:`selfaug_jax.eval.shift`. Exactly 0 for the original model itself (no forward pass is run then).
+* **Multiple choice** (``{name}_acc``, ``{name}_acc_norm``), only for the files in ``config.mc_files``
+  (``{"mmlu": path, "arc_c": path, "hellaswag": path}`` gives the report's ``mmlu_acc``, ``arc_c_acc_norm``,
+  ``hellaswag_acc_norm``); see :mod:`selfaug_jax.eval.multiple_choice`.
+
+Subsets are deterministic: each set is a seeded sample (``random.Random(f"{seed}:{set name}")``) of ``n`` items,
+kept in file order, or the whole set when ``n`` is None or larger than the set; RAG samples are stratified on
+answerable / unanswerable (proportional, at least one of each when both exist and ``n >= 2``), so
+``rag_refusal_acc`` is defined. ``n = 0`` skips a part (its keys are then absent). Within a part, prompts are
+generated in order of token length so batches pad little.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from selfaug_jax.data.default_task import load_default_task
+from selfaug_jax.data.probes import load_general_prompts, load_ifeval_probes
+from selfaug_jax.data.prompts import DocumentsTemplate, build_chat
+from selfaug_jax.data.schema import RagExample
+from selfaug_jax.eval.ifeval import evaluate_ifeval
+from selfaug_jax.eval.mc_readers import MCExample, load_mc_dataset
+from selfaug_jax.eval.multiple_choice import MCConfig, evaluate_multiple_choice
+from selfaug_jax.eval.rag_metrics import evaluate_rag, is_unanswerable
+from selfaug_jax.eval.shift import ShiftConfig, encode_prompt, measure_shift
+from selfaug_jax.models.generation import GenerationConfig, generate_text
+
+__all__ = ["PARTS", "EvalConfig", "EvalData", "EXTRA_METRIC_INFO", "select_subset", "rag_record", "rag_chat",
+           "prepare_eval_data", "reference_responses", "evaluate_model"]
+
+logger = logging.getLogger(__name__)
+
+Chat = list[dict[str, str]]
+PARTS = ("rag", "ifeval", "shift", "mc")
+"""The parts of :func:`evaluate_model`, in run order."""
+
+EXTRA_METRIC_INFO: dict[str, dict[str, Any]] = {
+    "shift_rag_response": {"label": "KL on RAG responses", "higher_is_better": False, "group": "shift",
+                           "decimals": 4},
+    "rag_false_refusal": {"label": "RAG false refusals", "higher_is_better": False, "group": "downstream",
+                          "scale": 100.0},
+}
+"""Report settings (``results["metric_info"]`` format) of the metrics that ``DEFAULT_METRIC_INFO`` lacks. MC keys
+other than the report's (e.g. ``mmlu_acc_norm``) are shown with the report's generic defaults."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Sizes and decoding budgets of one evaluation (see the module docstring for the subset rule).
+
+    Attributes:
+      n_rag: RAG examples scored (from ``rag_split`` of the default task, or the ``rag_examples`` given).
+      rag_split: default-task split of the RAG evaluation.
+      n_ifeval: IFEval-style probes.
+      n_shift_general: general prompts of the shift measurement.
+      n_shift_rag: RAG prompts of the shift measurement.
+      shift_rag_split: default-task split of the shift RAG prompts (another split than ``rag_split``).
+      max_new_tokens_rag / max_new_tokens_ifeval / max_new_tokens_shift: greedy budgets (the last one for the
+        original model's reference responses).
+      batch_size: rows per generation / forward batch.
+      prompt_bucket: generation pads prompts to a multiple of this (``GenerationConfig.prompt_bucket``); larger =
+        fewer compiled shapes, more padding.
+      shift_max_length / shift_buckets: :class:`~selfaug_jax.eval.shift.ShiftConfig` length policy (buckets finer
+        than ShiftConfig's default: RAG prompts are 300-1300 tokens, and a compile is cheaper than the padding).
+      mc_files: ``{name: path}`` of multiple-choice files (format sniffed, see ``load_mc_dataset``).
+      n_mc: examples per MC file (first ``n_mc``, ``MCConfig.limit``; None = all).
+      mc_max_length: longest MC input.
+      documents_template: how a user turn with documents is rendered (must match the training data's).
+      n_samples: predictions per part kept in the ``samples`` side output.
+      seed: subset seed.
+    """
+
+    n_rag: int | None = 64
+    rag_split: str = "test"
+    n_ifeval: int | None = 64
+    n_shift_general: int | None = 64
+    n_shift_rag: int | None = 32
+    shift_rag_split: str = "dev"
+    max_new_tokens_rag: int = 24
+    max_new_tokens_ifeval: int = 128
+    max_new_tokens_shift: int = 64
+    batch_size: int = 8
+    prompt_bucket: int = 64
+    shift_max_length: int = 1024
+    shift_buckets: tuple[int, ...] = (128, 256, 384, 512, 640, 768, 1024)
+    mc_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    n_mc: int | None = 100
+    mc_max_length: int = 1024
+    documents_template: DocumentsTemplate = DocumentsTemplate()
+    n_samples: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_rag", "n_ifeval", "n_shift_general", "n_shift_rag", "n_mc"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"EvalConfig.{name} must be >= 0 or None, got {v}")
+        for name in ("max_new_tokens_rag", "max_new_tokens_ifeval", "max_new_tokens_shift", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def for_cpu(cls, **overrides: Any) -> "EvalConfig":
+        """Smaller sizes for the default 135M model on a 2-core CPU (about 90 s per evaluation, see
+        ``docs``/the report of issue 7): 32 RAG examples (16 new tokens), 32 IFEval probes (96 new tokens), 32
+        general + 8 RAG shift prompts (48-token reference responses)."""
+        sizes = dict(n_rag=32, n_ifeval=32, n_shift_general=32, n_shift_rag=8, max_new_tokens_rag=16,
+                     max_new_tokens_ifeval=96, max_new_tokens_shift=48)
+        return cls(**{**sizes, **overrides})
+
+    def shift_config(self) -> ShiftConfig:
+        return ShiftConfig(batch_size=self.batch_size, buckets=tuple(self.shift_buckets),
+                           max_length=self.shift_max_length)
+
+
+@dataclasses.dataclass
+class EvalData:
+    """Prompts of every part (model-independent), each list in generation order (longest prompt first).
+
+    Attributes:
+      rag_examples: RAG records (dicts with ``id``, ``answer``, ``answer_aliases``, ``answerable`` ...).
+      rag_prompts: their chats (system + user turn with documents), aligned with ``rag_examples``.
+      ifeval_records: IFEval probe records (``id``, ``prompt``, ``instructions``).
+      general_ids / general_prompts: shift general prompts (one user turn each).
+      shift_rag_ids / shift_rag_prompts: shift RAG prompts (chats as for ``rag_prompts``).
+      mc_datasets: ``{name: [MCExample]}`` (already limited to ``n_mc``).
+      info: counts and prompt token lengths per part.
+    """
+
+    rag_examples: list[dict[str, Any]]
+    rag_prompts: list[Chat]
+    ifeval_records: list[dict[str, Any]]
+    general_ids: list[str]
+    general_prompts: list[Chat]
+    shift_rag_ids: list[str]
+    shift_rag_prompts: list[Chat]
+    mc_datasets: dict[str, list[MCExample]]
+    info: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def select_subset(items: Sequence[Any], n: int | None, seed: int, name: str) -> list[Any]:
+    """A seeded sample of ``n`` items in their original order (all items when ``n`` is None or >= len)."""
+    if n is None or n >= len(items):
+        return list(items)
+    idx = random.Random(f"{seed}:{name}").sample(range(len(items)), n)
+    return [items[i] for i in sorted(idx)]
+
+
+def _select_rag(records: Sequence[dict[str, Any]], n: int | None, seed: int, name: str) -> list[dict[str, Any]]:
+    """Seeded sample stratified on answerable / unanswerable (proportional, >= 1 of each if possible)."""
+    if n is None or n >= len(records):
+        return list(records)
+    unans = [i for i, r in enumerate(records) if is_unanswerable(r)]
+    ans = [i for i, r in enumerate(records) if not is_unanswerable(r)]
+    k = round(n * len(unans) / len(records))
+    if n >= 2 and unans and ans:
+        k = min(max(k, 1), n - 1)
+    k = min(k, len(unans))
+    rng = random.Random(f"{seed}:{name}")
+    chosen = rng.sample(unans, k) + rng.sample(ans, min(n - k, len(ans)))
+    return [records[i] for i in sorted(chosen)]
+
+
+def rag_record(example: RagExample | Mapping[str, Any]) -> dict[str, Any]:
+    """A RAG example as the flat dict the metrics read (``meta`` fields such as ``answer_aliases`` lifted)."""
+    if isinstance(example, RagExample):
+        rec = {**dict(example.meta), **example.to_dict()}
+        rec.pop("meta", None)
+        rec.setdefault("answer", example.target)
+        return rec
+    return dict(example)
+
+
+def rag_chat(record: Mapping[str, Any], template: DocumentsTemplate = DocumentsTemplate()) -> Chat:
+    """The prompt chat of a RAG record (every turn but the final answer), rendered as the training data is."""
+    example = RagExample.from_dict({k: v for k, v in record.items() if k != "meta"} | {"meta": {}})
+    return build_chat(example.to_messages()[:-1], template)
+
+
+def _by_length(tokenizer: Any, prompts: Sequence[Any], *aligned: Sequence[Any]) -> tuple[list[int], list[list]]:
+    """Sort prompts (and aligned lists) by rendered token length, longest first; returns lengths + lists."""
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [lengths[i] for i in order], [[seq[i] for i in order] for seq in (prompts, *aligned)]
+
+
+def _length_info(lengths: Sequence[int]) -> dict[str, Any]:
+    if not lengths:
+        return {"n": 0}
+    return {"n": len(lengths), "prompt_tokens_mean": float(np.mean(lengths)), "prompt_tokens_max": int(max(lengths))}
+
+
+def prepare_eval_data(tokenizer: Any, config: EvalConfig = EvalConfig(), *,
+                      rag_examples: Sequence[RagExample | Mapping[str, Any]] | None = None,
+                      shift_rag_examples: Sequence[RagExample | Mapping[str, Any]] | None = None) -> EvalData:
+    """Select and render every prompt set (nothing model-dependent).
+
+    Args:
+      tokenizer: the HF tokenizer (chat template), used to order prompts by length.
+      config: :class:`EvalConfig`.
+      rag_examples: RAG evaluation examples (default: the default task's ``config.rag_split``).
+      shift_rag_examples: examples whose prompts measure the RAG shift (default: the default task's
+        ``config.shift_rag_split`` when ``rag_examples`` is None, else ``rag_examples`` itself, sampled
+        independently).
+    """
+    seed = config.seed
+    rag_pool = ([rag_record(e) for e in rag_examples] if rag_examples is not None
+                else load_default_task(config.rag_split))
+    if shift_rag_examples is not None:
+        shift_pool = [rag_record(e) for e in shift_rag_examples]
+    else:
+        shift_pool = rag_pool if rag_examples is not None else load_default_task(config.shift_rag_split)
+    rag = _select_rag(rag_pool, config.n_rag, seed, "rag")
+    rag_len, (rag_prompts, rag) = _by_length(tokenizer, [rag_chat(r, config.documents_template) for r in rag], rag)
+    ifeval = select_subset(load_ifeval_probes(), config.n_ifeval, seed, "ifeval")
+    if_len, (_, ifeval) = _by_length(tokenizer, [r["prompt"] for r in ifeval], ifeval)
+    general = select_subset(load_general_prompts(), config.n_shift_general, seed, "shift_general")
+    gen_len, (general_prompts, general_ids) = _by_length(
+        tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in general], [r["id"] for r in general])
+    shift_rag = select_subset(shift_pool, config.n_shift_rag, seed, "shift_rag")
+    srag_len, (shift_rag_prompts, shift_rag_ids) = _by_length(
+        tokenizer, [rag_chat(r, config.documents_template) for r in shift_rag], [r.get("id") for r in shift_rag])
+    mc = {name: load_mc_dataset(path)[:config.n_mc] if config.n_mc is not None else load_mc_dataset(path)
+          for name, path in config.mc_files.items()}
+    info = {"rag": _length_info(rag_len), "ifeval": _length_info(if_len), "shift_general": _length_info(gen_len),
+            "shift_rag": _length_info(srag_len), "mc": {k: len(v) for k, v in mc.items()},
+            "rag_unanswerable": sum(is_unanswerable(r) for r in rag)}
+    return EvalData(rag, rag_prompts, ifeval, general_ids, general_prompts, shift_rag_ids, shift_rag_prompts, mc,
+                    info)
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def _generate(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens: int, config: "EvalConfig"
+              ) -> list[str]:
+    """Greedy completions (empty list for no prompts)."""
+    if not prompts:
+        return []
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, prompt_bucket=config.prompt_bucket)
+    return generate_text(model, tokenizer, list(prompts), gen, batch_size=config.batch_size)
+
+
+def reference_responses(original_model: Any, tokenizer: Any, data: EvalData,
+                        config: EvalConfig = EvalConfig()) -> dict[str, list[str]]:
+    """The original model's greedy responses (``max_new_tokens_shift``) to the shift prompts, computed once per run.
+
+    Returns ``{"general": [...], "rag": [...]}`` aligned with ``data.general_prompts`` / ``data.shift_rag_prompts``.
+    """
+    n = config.max_new_tokens_shift
+    return {"general": _generate(original_model, tokenizer, data.general_prompts, n, config),
+            "rag": _generate(original_model, tokenizer, data.shift_rag_prompts, n, config)}
+
+
+_LOGITS_FNS: list[tuple[Any, Callable[..., Any]]] = []
+
+
+def _logits_fn(model: Any) -> Callable[[np.ndarray, np.ndarray], jax.Array]:
+    """``(ids_bt, mask_bt) -> float32 logits`` of ``model``, jitted once per model structure."""
+    graphdef, state = nnx.split(model)
+    fn = next((f for g, f in _LOGITS_FNS if g == graphdef), None)
+    if fn is None:
+        fn = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st)(ids, attention_mask=mask))
+        _LOGITS_FNS.append((graphdef, fn))
+        del _LOGITS_FNS[:-4]
+    return lambda ids_bt, mask_bt: fn(state, jnp.asarray(ids_bt), jnp.asarray(mask_bt))
+
+
+def _finite_or_none(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfig = EvalConfig(), *,
+                   original_model: Any | None, reference_responses: Mapping[str, Sequence[str]] | None,
+                   parts: Sequence[str] = PARTS) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """Run every evaluation of ``model``.
+
+    Args:
+      model: the model under evaluation (a :class:`~selfaug_jax.models.DecoderLM`, LoRA adapters included).
+      tokenizer: its HF tokenizer.
+      data: :func:`prepare_eval_data` output.
+      config: the same :class:`EvalConfig`.
+      original_model: the model before fine-tuning, for the shift (None, or ``model`` itself, gives 0 shift
+        without a forward pass).
+      reference_responses: :func:`reference_responses` output (None: shift on prompts only, response KL 0).
+      parts: the parts to run (subset of :data:`PARTS`), e.g. ``("ifeval", "shift")`` for cheap evaluations
+        during training; a part also stays silent when its data is empty.
+
+    Returns:
+      ``(metrics, samples)``: ``metrics`` a flat ``{key: float | None}`` (module docstring; None = undefined,
+      e.g. no unanswerable example), ``samples`` = ``{"rag": [...], "ifeval": [...], "shift": {...},
+      "details": {...}, "timing_s": {"rag", "ifeval", "shift", "mc", "total"}}`` with a few predictions, the
+      per-part breakdowns and the wall time of each part.
+    """
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"evaluate_model: unknown parts {sorted(unknown)}; choose from {PARTS}")
+    t_start = time.perf_counter()
+    metrics: dict[str, float | None] = {}
+    samples: dict[str, Any] = {"rag": [], "ifeval": [], "shift": {}, "details": {}, "timing_s": {}}
+    k = config.n_samples
+
+    t0 = time.perf_counter()
+    if "rag" in parts and data.rag_examples:
+        preds = _generate(model, tokenizer, data.rag_prompts, config.max_new_tokens_rag, config)
+        rag = evaluate_rag(data.rag_examples, preds)
+        metrics.update(rag_em=rag["em"], rag_f1=rag["f1"], rag_contains=rag["contained"],
+                       rag_refusal_acc=_finite_or_none(rag["unanswerable"]["accuracy"]),
+                       rag_false_refusal=_finite_or_none(rag["answerable"]["false_refusal_rate"]))
+        samples["rag"] = [{"id": ex.get("id"), "question": ex.get("question"), "answer": ex.get("answer"),
+                           "prediction": p} for ex, p in zip(data.rag_examples[:k], preds[:k])]
+        samples["details"]["rag"] = {key: rag[key] for key in ("count", "answerable", "unanswerable", "by_hops")}
+    samples["timing_s"]["rag"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if "ifeval" in parts and data.ifeval_records:
+        prompts = [r["prompt"] for r in data.ifeval_records]
+        responses = _generate(model, tokenizer, prompts, config.max_new_tokens_ifeval, config)
+        ife = evaluate_ifeval(data.ifeval_records, responses)
+        metrics.update(ifeval_prompt_strict=ife["prompt_level_strict"],
+                       ifeval_inst_strict=ife["instruction_level_strict"],
+                       ifeval_prompt_loose=ife["prompt_level_loose"],
+                       ifeval_inst_loose=ife["instruction_level_loose"])
+        samples["ifeval"] = [{"id": r["id"], "prompt": r["prompt"], "response": resp, "strict": res["strict"]}
+                             for r, resp, res in zip(data.ifeval_records[:k], responses[:k], ife["results"][:k])]
+        samples["details"]["ifeval"] = {"per_type": ife["per_type"], "num_prompts": ife["num_prompts"],
+                                        "num_instructions": ife["num_instructions"]}
+    samples["timing_s"]["ifeval"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reference = None if original_model is model else original_model
+    refs = reference_responses or {}
+    for part, prompts in (("general", data.general_prompts), ("rag", data.shift_rag_prompts)):
+        if "shift" not in parts or not prompts:
+            continue
+        responses = refs.get(part)
+        if responses is not None and len(responses) != len(prompts):
+            raise ValueError(f"evaluate_model: {len(prompts)} shift {part} prompts but {len(responses)} reference "
+                             "responses (computed with another EvalData?)")
+        stats = measure_shift(reference, model, tokenizer, prompts, responses, config.shift_config())
+        metrics[f"shift_{part}_input"] = stats["input_kl"]
+        metrics[f"shift_{part}_response"] = stats["response_kl"]
+        samples["shift"][part] = stats
+    samples["timing_s"]["shift"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if "mc" in parts and data.mc_datasets:
+        mc_cfg = MCConfig(batch_size=config.batch_size, max_length=config.mc_max_length)
+        summaries = evaluate_multiple_choice(data.mc_datasets, _logits_fn(model), tokenizer, mc_cfg)
+        for name, s in summaries.items():
+            metrics[f"{name}_acc"] = _finite_or_none(s["acc"])
+            metrics[f"{name}_acc_norm"] = _finite_or_none(s["acc_norm"])
+        samples["details"]["mc"] = summaries
+    samples["timing_s"]["mc"] = time.perf_counter() - t0
+    samples["timing_s"]["total"] = time.perf_counter() - t_start
+    logger.info("evaluation took %.1f s (%s)", samples["timing_s"]["total"],
+                ", ".join(f"{k} {v:.1f}" for k, v in samples["timing_s"].items() if k != "total"))
+    return metrics, samples

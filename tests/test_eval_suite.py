@@ -1,0 +1,109 @@
+"""The evaluation suite (selfaug_jax/eval/suite.py) on a tiny random model with the real default tokenizer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+from selfaug_jax.data.default_task import SYSTEM_PROMPT
+from selfaug_jax.eval.report import DEFAULT_METRIC_INFO, resolve_metric_info, validate_results
+from selfaug_jax.eval.suite import (
+    EXTRA_METRIC_INFO,
+    EvalConfig,
+    evaluate_model,
+    prepare_eval_data,
+    reference_responses,
+    select_subset,
+)
+from selfaug_jax.models import DecoderLM, ModelConfig, load_tokenizer
+
+ARC = Path(__file__).parent / "fixtures" / "mc" / "arc_challenge.jsonl"
+CFG = EvalConfig(n_rag=4, n_ifeval=4, n_shift_general=4, n_shift_rag=4, max_new_tokens_rag=4,
+                 max_new_tokens_ifeval=4, max_new_tokens_shift=4, batch_size=4, mc_files={"arc_c": str(ARC)},
+                 n_mc=2, mc_max_length=128, n_samples=2)
+RANGE_01 = ("rag_", "ifeval_", "arc_c_")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+def _tiny_model(tokenizer, seed: int) -> DecoderLM:
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      tie_word_embeddings=True, max_position_embeddings=2048,
+                      eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    return DecoderLM(cfg, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    original = _tiny_model(tokenizer, 0)
+    data = prepare_eval_data(tokenizer, CFG)
+    refs = reference_responses(original, tokenizer, data, CFG)
+    return original, data, refs
+
+
+def test_prepare_eval_data(setup, tokenizer):
+    _, data, refs = setup
+    assert len(data.rag_examples) == len(data.rag_prompts) == 4 and len(data.ifeval_records) == 4
+    assert len(data.general_prompts) == len(data.general_ids) == 4 and len(data.shift_rag_prompts) == 4
+    assert data.info["rag_unanswerable"] >= 1  # stratified sample: the refusal accuracy is defined
+    assert all(r["id"].startswith("test-") for r in data.rag_examples)
+    assert all(i.startswith("dev-") for i in data.shift_rag_ids)
+    chat = data.rag_prompts[0]
+    assert chat[0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert chat[1]["role"] == "user" and chat[1]["content"].startswith("### Paragraph:\n[1] ")
+    assert chat[1]["content"].endswith(data.rag_examples[0]["question"]) and len(chat) == 2
+    assert [len(x) for x in refs.values()] == [4, 4] and all(isinstance(s, str) for s in refs["general"])
+    again = prepare_eval_data(tokenizer, CFG)  # deterministic
+    assert [r["id"] for r in again.rag_examples] == [r["id"] for r in data.rag_examples]
+    assert again.general_ids == data.general_ids
+    assert select_subset(list(range(10)), 3, 0, "x") == select_subset(list(range(10)), 3, 0, "x")
+    assert select_subset(list(range(10)), None, 0, "x") == list(range(10))
+
+
+def test_evaluate_model_metrics(setup, tokenizer):
+    original, data, refs = setup
+    metrics, samples = evaluate_model(original, tokenizer, data, CFG, original_model=original,
+                                      reference_responses=refs)
+    expected = {"rag_em", "rag_f1", "rag_contains", "rag_refusal_acc", "rag_false_refusal", "ifeval_prompt_strict",
+                "ifeval_inst_strict", "ifeval_prompt_loose", "ifeval_inst_loose", "shift_general_input",
+                "shift_general_response", "shift_rag_input", "shift_rag_response", "arc_c_acc", "arc_c_acc_norm"}
+    assert set(metrics) == expected
+    for key, v in metrics.items():
+        assert isinstance(v, float) and math.isfinite(v), (key, v)
+        if key.startswith(RANGE_01):
+            assert 0.0 <= v <= 1.0, (key, v)
+    # the original model against itself: exactly zero (short cut: no forward pass)
+    assert all(metrics[k] == 0.0 for k in metrics if k.startswith("shift_"))
+    assert samples["shift"]["general"]["n_response_tokens"] > 0 and samples["shift"]["rag"]["n_input_tokens"] > 0
+    assert len(samples["rag"]) == 2 and {"id", "prediction", "answer"} <= set(samples["rag"][0])
+    assert len(samples["ifeval"]) == 2 and set(samples["timing_s"]) == {"rag", "ifeval", "shift", "mc", "total"}
+    # every key is known to the report (DEFAULT_METRIC_INFO, or EXTRA_METRIC_INFO passed as metric_info)
+    known = set(DEFAULT_METRIC_INFO) | set(EXTRA_METRIC_INFO)
+    assert {k for k in metrics if not k.startswith("arc_c_acc")} <= known and "arc_c_acc_norm" in known
+    results = {"methods": {"base": metrics}, "metric_info": EXTRA_METRIC_INFO}
+    validate_results(results)
+    info = resolve_metric_info(results)
+    assert all(info[k].group == "shift" and not info[k].higher_is_better for k in metrics if k.startswith("shift_"))
+
+
+def test_shift_against_copy_and_perturbed(setup, tokenizer):
+    original, data, refs = setup
+    copy = _tiny_model(tokenizer, 0)  # same weights, separate object: goes through the KL computation
+    metrics, _ = evaluate_model(copy, tokenizer, data, CFG, original_model=original, reference_responses=refs,
+                                parts=("shift",))
+    assert set(metrics) == {"shift_general_input", "shift_general_response", "shift_rag_input", "shift_rag_response"}
+    assert all(v == 0.0 for v in metrics.values())
+    perturbed = _tiny_model(tokenizer, 0)
+    _, state = nnx.split(perturbed, nnx.Param)
+    nnx.update(perturbed, jax.tree.map(lambda x: x * 1.5, state))
+    metrics, _ = evaluate_model(perturbed, tokenizer, data, CFG, original_model=original, reference_responses=refs,
+                                parts=("shift",))
+    assert all(math.isfinite(v) and v > 0 for v in metrics.values()), metrics
