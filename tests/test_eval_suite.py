@@ -66,6 +66,8 @@ def test_prepare_eval_data(setup, tokenizer):
     assert again.general_ids == data.general_ids
     assert select_subset(list(range(10)), 3, 0, "x") == select_subset(list(range(10)), 3, 0, "x")
     assert select_subset(list(range(10)), None, 0, "x") == list(range(10))
+    small = EvalConfig.for_cpu(n_rag=5)
+    assert (small.n_rag, small.n_ifeval, small.n_shift_rag) == (5, 32, 8)
 
 
 def test_evaluate_model_metrics(setup, tokenizer):
@@ -107,3 +109,6 @@ def test_shift_against_copy_and_perturbed(setup, tokenizer):
     metrics, _ = evaluate_model(perturbed, tokenizer, data, CFG, original_model=original, reference_responses=refs,
                                 parts=("shift",))
     assert all(math.isfinite(v) and v > 0 for v in metrics.values()), metrics
+    with pytest.raises(ValueError, match="unknown parts"):
+        evaluate_model(perturbed, tokenizer, data, CFG, original_model=original, reference_responses=refs,
+                       parts=("rag", "speed"))
