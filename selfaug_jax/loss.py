@@ -197,6 +197,19 @@ def _check_logits(logits_btv: Any, name: str, where: str) -> None:
 # Masks and per-token terms (shared by the unfused and the fused implementation).
 
 
+def _check_logits_pair(logits_btv: Any, ref_logits_btv: Any, labels_bt: Any, attention_mask_bt: Any, *,
+                       align: str, include_padding: bool, where: str) -> None:
+    """Validate policy / reference logits of the same shape and the labels / mask that go with them."""
+    _check_logits(logits_btv, "logits_btv", where)
+    _check_logits(ref_logits_btv, "ref_logits_btv", where)
+    if ref_logits_btv.shape != logits_btv.shape:
+        raise ValueError(f"{where}: ref_logits_btv shape {ref_logits_btv.shape} != logits_btv shape "
+                         f"{logits_btv.shape}")
+    batch_time = tuple(logits_btv.shape[:2])
+    _check_labels(labels_bt, batch_time, logits_btv.shape[2], where)
+    _check_mask(attention_mask_bt, batch_time, align=align, include_padding=include_padding, where=where)
+
+
 def _shifted_targets_bt(labels_bt: jax.Array) -> jax.Array:
     """``target[:, t] = labels[:, t + 1]``; the last position has no target (HF causal-LM shift)."""
     pad_b1 = jnp.full((labels_bt.shape[0], 1), IGNORE_INDEX, dtype=labels_bt.dtype)
@@ -323,14 +336,8 @@ def selfaug_kl(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: jax.
     where = "selfaug_kl"
     _check_options(alpha=0.0, direction=direction, beta=beta, temperature=temperature, align=align,
                    include_padding=include_padding, where=where)
-    _check_logits(logits_btv, "logits_btv", where)
-    _check_logits(ref_logits_btv, "ref_logits_btv", where)
-    if ref_logits_btv.shape != logits_btv.shape:
-        raise ValueError(f"{where}: ref_logits_btv shape {ref_logits_btv.shape} != logits_btv shape "
-                         f"{logits_btv.shape}")
-    batch_time = tuple(logits_btv.shape[:2])
-    _check_labels(labels_bt, batch_time, logits_btv.shape[2], where)
-    _check_mask(attention_mask_bt, batch_time, align=align, include_padding=include_padding, where=where)
+    _check_logits_pair(logits_btv, ref_logits_btv, labels_bt, attention_mask_bt, align=align,
+                       include_padding=include_padding, where=where)
     mask_bt = _align_mask_bt(labels_bt, attention_mask_bt, align, include_padding)
     dtype = _compute_dtype(logits_btv, ref_logits_btv)
     div_bt = _divergence_per_token(logits_btv.astype(dtype), ref_logits_btv.astype(dtype),
@@ -357,14 +364,8 @@ def selfaug_loss(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: ja
     where = "selfaug_loss"
     _check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
                    include_padding=include_padding, where=where)
-    _check_logits(logits_btv, "logits_btv", where)
-    _check_logits(ref_logits_btv, "ref_logits_btv", where)
-    if ref_logits_btv.shape != logits_btv.shape:
-        raise ValueError(f"{where}: ref_logits_btv shape {ref_logits_btv.shape} != logits_btv shape "
-                         f"{logits_btv.shape}")
-    batch_time = tuple(logits_btv.shape[:2])
-    _check_labels(labels_bt, batch_time, logits_btv.shape[2], where)
-    _check_mask(attention_mask_bt, batch_time, align=align, include_padding=include_padding, where=where)
+    _check_logits_pair(logits_btv, ref_logits_btv, labels_bt, attention_mask_bt, align=align,
+                       include_padding=include_padding, where=where)
 
     dtype = _compute_dtype(logits_btv, ref_logits_btv)
     logits_f32 = logits_btv.astype(dtype)
