@@ -49,10 +49,12 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | P
     ce = {m: xy if xy[0] else _series(curves[m], "step", "loss") for m, xy in ce.items()}
     kl = {m: _series(curves[m], "step", "kl") for m in methods}
     ce = {m: xy for m, xy in ce.items() if xy[0]}
-    kl = {m: xy for m, xy in kl.items() if xy[0]}
+    # CE-only methods (lora, sft) log kl = 0 because they never compute it: leave them out of the KL panel rather
+    # than draw a flat line that reads as "no drift" (their drift is measured by the shift evaluation).
+    kl = {m: xy for m, xy in kl.items() if xy[0] and any(v != 0 for v in xy[1])}
     if not ce and not kl:
         return None
-    panels = [("CE (response tokens)", ce)] * bool(ce) + [("KL(p_orig || p_ft) on prompt tokens", kl)] * bool(kl)
+    panels = [("CE (response tokens)", ce)] * bool(ce) + [("KL(p_orig || p_ft) on prompt tokens (objective)", kl)] * bool(kl)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (title, data) in zip(axes[0], panels):
         for m, (x, y) in data.items():
