@@ -23,7 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from selfaug_jax.models.config import ModelConfig
-from selfaug_jax.models.decoder import DecoderLM
+from selfaug_jax.models.decoder import DEFAULT_ATTENTION_CHUNK, DecoderLM
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def load_hf_model(
     param_dtype: Any | None = None,
     remat_policy: str = "none",
     num_layers: int | None = None,
+    attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
 ) -> DecoderLM:
     """Load a Hugging Face model directory into a :class:`DecoderLM`.
 
@@ -99,6 +100,7 @@ def load_hf_model(
         param_dtype: parameter storage dtype (default: ``dtype``). fp32, bf16 and fp16 checkpoints are cast.
         remat_policy: per-layer rematerialisation policy (see ``selfaug_jax.models.decoder.REMAT_POLICIES``).
         num_layers: keep only the first ``num_layers`` decoder layers; the checkpoint's deeper layers are skipped.
+        attention_chunk: query-chunk length of the attention kernel (``None``: unchunked); see ``DecoderLM``.
 
     Raises:
         CheckpointError: naming each missing, unexpected or wrongly shaped tensor (with both shapes).
@@ -117,7 +119,14 @@ def load_hf_model(
             config.sliding_windows = config.sliding_windows[:num_layers]
     param_dtype = param_dtype or dtype
     abstract = nnx.eval_shape(
-        lambda: DecoderLM(config, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, rngs=nnx.Rngs(0))
+        lambda: DecoderLM(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat_policy=remat_policy,
+            attention_chunk=attention_chunk,
+            rngs=nnx.Rngs(0),
+        )
     )
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)

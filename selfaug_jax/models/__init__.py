@@ -15,7 +15,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from selfaug_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
-from selfaug_jax.models.decoder import REMAT_POLICIES, DecoderLM, LoRAParam, default_positions
+from selfaug_jax.models.decoder import (
+    DEFAULT_ATTENTION_CHUNK,
+    REMAT_POLICIES,
+    DecoderLM,
+    LoRAParam,
+    default_positions,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -41,6 +47,7 @@ def load_pretrained(
     param_dtype: Any | None = None,
     remat_policy: str = "none",
     num_layers: int | None = None,
+    attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
 ) -> DecoderLM:
     """Load a model from an HF directory (``config.json`` + safetensors), a GGUF file or the default name.
 
@@ -51,6 +58,8 @@ def load_pretrained(
         remat_policy: per-layer gradient checkpointing ("none", "full", "dots", "dots_saveable").
         num_layers: keep only the first ``num_layers`` decoder layers (a cheap stand-in model for smoke tests and
             debugging; the checkpoint's deeper layers are skipped).
+        attention_chunk: query-chunk length of training / prefill attention; longer sequences are processed in
+            chunks so no ``[b, heads, t, t]`` float32 score tensor is ever held whole. ``None``: unchunked.
     """
     from selfaug_jax.checkpoints.hf import load_hf_model
 
@@ -60,6 +69,7 @@ def load_pretrained(
         param_dtype=param_dtype,
         remat_policy=remat_policy,
         num_layers=num_layers,
+        attention_chunk=attention_chunk,
     )
 
 
@@ -71,6 +81,7 @@ def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL):
 
 
 __all__ = [
+    "DEFAULT_ATTENTION_CHUNK",
     "DEFAULT_MODEL",
     "DecoderLM",
     "LoRAParam",

@@ -84,9 +84,50 @@ def make_attention_mask(
 
 
 def grouped_query_attention(
+    q_bthd: jnp.ndarray,
+    k_bskd: jnp.ndarray,
+    v_bskd: jnp.ndarray,
+    mask_bts: jnp.ndarray,
+    q_chunk: int | None = None,
+) -> jnp.ndarray:
+    """Softmax attention with GQA; scores and softmax in float32. Returns ``[b, t, h, d]`` in q's dtype.
+
+    Args:
+        q_bthd, k_bskd, v_bskd: queries, keys, values (``h`` a multiple of ``k``).
+        mask_bts: boolean ``[b, t, s]``, True where query t may attend key s (see :func:`make_attention_mask`).
+        q_chunk: when set and ``t > q_chunk``, queries are processed ``q_chunk`` at a time (``lax.map`` over
+            chunks, each under ``jax.checkpoint``), so the float32 score / probability tensors live at
+            ``[b, h, q_chunk, s]`` instead of ``[b, h, t, s]`` in the forward *and* in the backward, which recomputes
+            one chunk's scores at a time instead of keeping every layer's ``[b, h, t, s]`` probabilities. Every row's
+            softmax still sees all keys, so the result equals the unchunked one up to float rounding. ``t`` is padded
+            up to a multiple of ``q_chunk`` (padding rows are computed and dropped).
+    """
+    b, t, h, d = q_bthd.shape
+    if q_chunk is None or t <= q_chunk:
+        return _attention_block(q_bthd, k_bskd, v_bskd, mask_bts)
+    n_chunks = -(-t // q_chunk)
+    pad = n_chunks * q_chunk - t
+    if pad:
+        q_bthd = jnp.pad(q_bthd, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        mask_bts = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)))
+    # [n, b, c, ...]: lax.map scans over the leading chunk axis; k and v are loop constants (not copied per chunk).
+    q_nbchd = q_bthd.reshape(b, n_chunks, q_chunk, h, d).swapaxes(0, 1)
+    mask_nbcs = mask_bts.reshape(b, n_chunks, q_chunk, -1).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        q_bchd, m_bcs = args
+        return _attention_block(q_bchd, k_bskd, v_bskd, m_bcs)
+
+    out_nbchd = jax.lax.map(one_chunk, (q_nbchd, mask_nbcs))
+    out_bthd = out_nbchd.swapaxes(0, 1).reshape(b, n_chunks * q_chunk, h, d)
+    return out_bthd[:, :t] if pad else out_bthd
+
+
+def _attention_block(
     q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray, mask_bts: jnp.ndarray
 ) -> jnp.ndarray:
-    """Softmax attention with GQA; scores and softmax in float32. Returns ``[b, t, h, d]`` in q's dtype."""
+    """Dense GQA attention of all ``t`` queries against all ``s`` keys (the unchunked kernel)."""
     b, t, h, d = q_bthd.shape
     k_heads = k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, k_heads, h // k_heads, d)

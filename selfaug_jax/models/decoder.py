@@ -26,14 +26,12 @@ from selfaug_jax.models.attention import (
     rope_inv_freq,
 )
 from selfaug_jax.models.config import ModelConfig
+from selfaug_jax.models.remat import REMAT_POLICIES, ordered_checkpoint
 
-# Remat (gradient checkpointing) policies per decoder layer, by name.
-REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-}
+# Query-chunk length of training/prefill attention (``grouped_query_attention``'s ``q_chunk``). At T=2048 on
+# SmolLM2 an unchunked layer keeps ~0.65 GB of float32 score/probability buffers for the backward
+# (bench/README.md); chunks of 512 bound that by [b, heads, 512, t] per layer at a time.
+DEFAULT_ATTENTION_CHUNK = 512
 
 KVCache = list[tuple[jnp.ndarray, jnp.ndarray]]  # per layer: (k [b, s, k, d], v [b, s, k, d])
 
@@ -137,8 +135,18 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v/o bias and optional per-head q/k RMSNorm."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+        attention_chunk: int | None = None,
+    ):
         d, hd = cfg.hidden_size, cfg.head_dim
+        self.attention_chunk = attention_chunk
         h, k = cfg.num_attention_heads, cfg.num_key_value_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
@@ -180,7 +188,7 @@ class Attention(nnx.Module):
             k_btkd = jax.lax.dynamic_update_slice(cache_k, k_btkd.astype(cache_k.dtype), start)
             v_btkd = jax.lax.dynamic_update_slice(cache_v, v_btkd.astype(cache_v.dtype), start)
             new_cache = (k_btkd, v_btkd)
-        out_bthd = grouped_query_attention(q_bthd, k_btkd, v_btkd, mask_bts)
+        out_bthd = grouped_query_attention(q_bthd, k_btkd, v_btkd, mask_bts, self.attention_chunk)
         return self.o_proj(out_bthd.reshape(b, t, -1), rngs[3]), new_cache
 
 
@@ -202,9 +210,20 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+        attention_chunk: int | None = None,
+    ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(
+            cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_chunk=attention_chunk
+        )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -225,6 +244,10 @@ class DecoderLM(nnx.Module):
         dtype: compute dtype (activations, matmul inputs). Logits are always float32.
         param_dtype: storage dtype of the parameters (e.g. float32 master weights with bfloat16 compute).
         remat_policy: one of ``REMAT_POLICIES`` ("none", "full", "dots", "dots_saveable"); applied per layer.
+        attention_chunk: query-chunk length of the attention kernel (see
+            :func:`~selfaug_jax.models.attention.grouped_query_attention`): sequences longer than this never hold a
+            float32 ``[b, heads, t, t]`` score tensor, which at long context dominates training memory. ``None``
+            disables chunking.
         rngs: initialisation randomness (weights are normally overwritten by a checkpoint).
     """
 
@@ -235,17 +258,26 @@ class DecoderLM(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat_policy: str = "none",
+        attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
         rngs: nnx.Rngs | None = None,
     ):
+        if attention_chunk is not None and attention_chunk < 1:
+            raise ValueError(f"attention_chunk must be a positive int or None, got {attention_chunk!r}")
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
         self.remat_policy = remat_policy
+        self.attention_chunk = attention_chunk
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(config, i, **kw) for i in range(config.num_hidden_layers)])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(config, i, attention_chunk=attention_chunk, **kw)
+                for i in range(config.num_hidden_layers)
+            ]
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -371,7 +403,7 @@ class DecoderLM(nnx.Module):
                 def run(state, x, cos, sin, mask, rng, graphdef=graphdef):
                     return nnx.merge(graphdef, state)(x, cos, sin, mask, None, None, rng)[0]
 
-                x_btd = jax.checkpoint(run, policy=policy)(state, x_btd, cos_btd, sin_btd, masks[i], layer_rng)
+                x_btd = ordered_checkpoint(run, policy)(state, x_btd, cos_btd, sin_btd, masks[i], layer_rng)
             else:
                 x_btd, c = layer(x_btd, cos_btd, sin_btd, masks[i], layer_cache, cache_index, layer_rng)
                 new_cache.append(c)
