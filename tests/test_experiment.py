@@ -27,6 +27,7 @@ def _run(args, **kw):
     ("train.methods=[lora,magic]", "unknown method 'magic'"),
     ("data.train=/no/such/file.jsonl", "data.train: file '/no/such/file.jsonl' does not exist"),
     ("model.name=/no/such/model", "model.name: '/no/such/model' is neither"),
+    ("model.attention_chunk=0", "model.attention_chunk: 0 must be a positive int or null"),
 ])
 def test_config_errors_are_clear_and_early(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

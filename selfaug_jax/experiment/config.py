@@ -40,6 +40,9 @@ class ModelSection:
     param_dtype: str = "float32"  # storage of the frozen base (adapters and optimizer state are always float32)
     remat: str = "dots"  # none | full | dots | dots_saveable (per decoder layer)
     num_layers: int | None = None  # keep only the first N decoder layers (smoke tests / debugging)
+    # Query-chunk length of attention: sequences longer than this never hold a [b, heads, t, t] float32 score
+    # tensor (null: dense attention). Values are unchanged up to float rounding.
+    attention_chunk: int | None = 512
 
 
 @dataclasses.dataclass
@@ -128,6 +131,8 @@ class ExperimentConfig:
                 raise ConfigError(f"{key}: {value!r} is not one of float32, bfloat16")
         if self.model.remat not in ("none", "full", "dots", "dots_saveable"):
             raise ConfigError(f"model.remat: {self.model.remat!r} is not one of none, full, dots, dots_saveable")
+        if self.model.attention_chunk is not None and self.model.attention_chunk < 1:
+            raise ConfigError(f"model.attention_chunk: {self.model.attention_chunk!r} must be a positive int or null")
         if self.data.format not in ("auto", "jsonl", "crag", "rag-instruct"):
             raise ConfigError(f"data.format: {self.data.format!r} is not one of auto, jsonl, crag, rag-instruct")
         if check_paths and self.data.train != "default" and not Path(self.data.train).exists():

@@ -46,6 +46,7 @@ def load_model(cfg: ExperimentConfig, model_dir: Path):
         param_dtype=_DTYPES[cfg.model.param_dtype],
         remat_policy=cfg.model.remat,
         num_layers=cfg.model.num_layers,
+        attention_chunk=cfg.model.attention_chunk,
     )
 
 
