@@ -47,7 +47,8 @@ Two implementations with the same values and gradients:
   but supports higher-order and forward-mode differentiation.
 
 All functions are pure, jit-able, use static shapes and never sync with the host inside traced code. Options are
-Python values (static under ``jax.jit``). This module imports only jax, numpy and the standard library.
+Python values (static under ``jax.jit``). This module (with its validation helpers in ``loss_checks.py``) imports only jax, numpy and the
+standard library.
 """
 
 from __future__ import annotations
@@ -57,7 +58,16 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from selfaug_jax.loss_checks import (
+    IGNORE_INDEX,
+    check_fused_options,
+    check_labels,
+    check_logits,
+    check_logits_pair,
+    check_mask,
+    check_options,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -70,16 +80,11 @@ __all__ = [
     "token_counts",
 ]
 
-IGNORE_INDEX = -100
-"""Label value marking a position without a target (Hugging Face / torch ``ignore_index``)."""
 
 Direction = Literal["forward", "reverse", "jsd"]
 Align = Literal["prompt", "prompt_without_padding", "all"]
 GradMode = Literal["precompute", "remat"]
 
-_DIRECTIONS = ("forward", "reverse", "jsd")
-_ALIGNS = ("prompt", "prompt_without_padding", "all")
-_GRAD_MODES = ("precompute", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +106,9 @@ class SelfAugLossConfig:
     grad_mode: GradMode = "precompute"
 
     def __post_init__(self) -> None:
-        _check_options(alpha=self.alpha, direction=self.direction, beta=self.beta, temperature=self.temperature,
+        check_options(alpha=self.alpha, direction=self.direction, beta=self.beta, temperature=self.temperature,
                        align=self.align, include_padding=self.include_padding, where="SelfAugLossConfig")
-        _check_fused_options(self.chunk_size, self.grad_mode, where="SelfAugLossConfig")
+        check_fused_options(self.chunk_size, self.grad_mode, where="SelfAugLossConfig")
 
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`selfaug_loss` (everything except the fused-only fields)."""
@@ -116,98 +121,7 @@ class SelfAugLossConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation (Python-level, at trace time; value checks only on concrete, fully addressable arrays).
-
-
-def _check_options(*, alpha: float, direction: str, beta: float, temperature: float, align: str,
-                   include_padding: bool, where: str) -> None:
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"{where}: direction={direction!r}; expected one of {_DIRECTIONS}")
-    if align not in _ALIGNS:
-        raise ValueError(f"{where}: align={align!r}; expected one of {_ALIGNS}")
-    if not isinstance(include_padding, (bool, np.bool_)):
-        raise TypeError(f"{where}: include_padding must be a bool, got {include_padding!r}")
-    for name, value in (("alpha", alpha), ("beta", beta), ("temperature", temperature)):
-        if isinstance(value, jax.core.Tracer) or not np.isscalar(value) or not np.isfinite(float(value)):
-            raise ValueError(f"{where}: {name} must be a finite Python number (static), got {value!r}")
-    if alpha < 0:
-        raise ValueError(f"{where}: alpha={alpha} must be >= 0")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"{where}: beta={beta} must lie in [0, 1]")
-    if temperature <= 0:
-        raise ValueError(f"{where}: temperature={temperature} must be > 0")
-
-
-def _check_fused_options(chunk_size: int, grad_mode: str, *, where: str) -> None:
-    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
-    if grad_mode not in _GRAD_MODES:
-        raise ValueError(f"{where}: grad_mode={grad_mode!r}; expected one of {_GRAD_MODES}")
-
-
-def _is_concrete(x: Any) -> bool:
-    if isinstance(x, np.ndarray):
-        return True
-    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_fully_addressable
-
-
-def _check_labels(labels_bt: Any, batch_time: tuple[int, int], vocab: int, where: str) -> None:
-    if getattr(labels_bt, "ndim", None) != 2:
-        raise ValueError(f"{where}: labels_bt must have shape [B, T]; got shape {getattr(labels_bt, 'shape', None)}")
-    if tuple(labels_bt.shape) != batch_time:
-        raise ValueError(f"{where}: labels_bt shape {tuple(labels_bt.shape)} does not match [B, T] = {batch_time}")
-    if not jnp.issubdtype(labels_bt.dtype, jnp.integer):
-        raise TypeError(f"{where}: labels_bt must be an integer array, got dtype {labels_bt.dtype}")
-    if _is_concrete(labels_bt):
-        arr = np.asarray(labels_bt)
-        bad = (arr != IGNORE_INDEX) & ((arr < 0) | (arr >= vocab))
-        if bad.any():
-            b, t = (int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{where}: labels_bt[{b}, {t}] = {int(arr[b, t])} is neither {IGNORE_INDEX} nor a token "
-                             f"id in [0, {vocab}) ({int(bad.sum())} such entries)")
-
-
-def _check_mask(attention_mask_bt: Any, batch_time: tuple[int, int], *, align: str, include_padding: bool,
-                where: str) -> None:
-    needs_mask = align == "prompt_without_padding" or not include_padding
-    if attention_mask_bt is None:
-        if needs_mask:
-            raise ValueError(f"{where}: align={align!r}, include_padding={include_padding} needs attention_mask_bt "
-                             "(1 = real token, 0 = padding), but it is None")
-        return
-    if tuple(getattr(attention_mask_bt, "shape", ())) != batch_time:
-        raise ValueError(f"{where}: attention_mask_bt shape {tuple(getattr(attention_mask_bt, 'shape', ()))} does "
-                         f"not match [B, T] = {batch_time}")
-    if _is_concrete(attention_mask_bt):
-        arr = np.asarray(attention_mask_bt)
-        bad = (arr != 0) & (arr != 1)
-        if bad.any():
-            b, t = (int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{where}: attention_mask_bt[{b}, {t}] = {arr[b, t]!r}; expected 0 or 1")
-
-
-def _check_logits(logits_btv: Any, name: str, where: str) -> None:
-    if getattr(logits_btv, "ndim", None) != 3:
-        raise ValueError(f"{where}: {name} must have shape [B, T, V]; got shape {getattr(logits_btv, 'shape', None)}")
-    if not jnp.issubdtype(logits_btv.dtype, jnp.floating):
-        raise TypeError(f"{where}: {name} must be a floating array, got dtype {logits_btv.dtype}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Masks and per-token terms (shared by the unfused and the fused implementation).
-
-
-def _check_logits_pair(logits_btv: Any, ref_logits_btv: Any, labels_bt: Any, attention_mask_bt: Any, *,
-                       align: str, include_padding: bool, where: str) -> None:
-    """Validate policy / reference logits of the same shape and the labels / mask that go with them."""
-    _check_logits(logits_btv, "logits_btv", where)
-    _check_logits(ref_logits_btv, "ref_logits_btv", where)
-    if ref_logits_btv.shape != logits_btv.shape:
-        raise ValueError(f"{where}: ref_logits_btv shape {ref_logits_btv.shape} != logits_btv shape "
-                         f"{logits_btv.shape}")
-    batch_time = tuple(logits_btv.shape[:2])
-    _check_labels(labels_bt, batch_time, logits_btv.shape[2], where)
-    _check_mask(attention_mask_bt, batch_time, align=align, include_padding=include_padding, where=where)
 
 
 def _shifted_targets_bt(labels_bt: jax.Array) -> jax.Array:
@@ -303,8 +217,8 @@ def sft_loss(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
       Float32 scalar: mean negative log-likelihood over all targets ``!= -100`` of the batch (pooled over
       sequences); 0 when there is no target.
     """
-    _check_logits(logits_btv, "logits_btv", "sft_loss")
-    _check_labels(labels_bt, tuple(logits_btv.shape[:2]), logits_btv.shape[2], "sft_loss")
+    check_logits(logits_btv, "logits_btv", "sft_loss")
+    check_labels(labels_bt, tuple(logits_btv.shape[:2]), logits_btv.shape[2], "sft_loss")
     targets_bt = _shifted_targets_bt(labels_bt)
     dtype = _compute_dtype(logits_btv)
     nll_bt = _ce_per_token(logits_btv.astype(dtype), targets_bt)
@@ -334,9 +248,9 @@ def selfaug_kl(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: jax.
       the selected rows); 0 when no position is selected.
     """
     where = "selfaug_kl"
-    _check_options(alpha=0.0, direction=direction, beta=beta, temperature=temperature, align=align,
+    check_options(alpha=0.0, direction=direction, beta=beta, temperature=temperature, align=align,
                    include_padding=include_padding, where=where)
-    _check_logits_pair(logits_btv, ref_logits_btv, labels_bt, attention_mask_bt, align=align,
+    check_logits_pair(logits_btv, ref_logits_btv, labels_bt, attention_mask_bt, align=align,
                        include_padding=include_padding, where=where)
     mask_bt = _align_mask_bt(labels_bt, attention_mask_bt, align, include_padding)
     dtype = _compute_dtype(logits_btv, ref_logits_btv)
@@ -362,9 +276,9 @@ def selfaug_loss(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: ja
       and carry no gradient (differentiate :func:`sft_loss` / :func:`selfaug_kl` for the parts).
     """
     where = "selfaug_loss"
-    _check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
+    check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
                    include_padding=include_padding, where=where)
-    _check_logits_pair(logits_btv, ref_logits_btv, labels_bt, attention_mask_bt, align=align,
+    check_logits_pair(logits_btv, ref_logits_btv, labels_bt, attention_mask_bt, align=align,
                        include_padding=include_padding, where=where)
 
     dtype = _compute_dtype(logits_btv, ref_logits_btv)
@@ -449,11 +363,11 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
     if not with_kl:
         ref_hidden_btd = hidden_btd  # placeholder of the right shape: never projected (dead code for XLA)
         alpha = 0.0
-    _check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
+    check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
                    include_padding=include_padding, where=where)
-    _check_fused_options(chunk_size, grad_mode, where=where)
+    check_fused_options(chunk_size, grad_mode, where=where)
     for name, x in (("hidden_btd", hidden_btd), ("ref_hidden_btd", ref_hidden_btd)):
-        _check_logits(x, name, where)
+        check_logits(x, name, where)
     if ref_hidden_btd.shape != hidden_btd.shape:
         raise ValueError(f"{where}: ref_hidden_btd shape {ref_hidden_btd.shape} != hidden_btd shape "
                          f"{hidden_btd.shape}")
@@ -468,8 +382,8 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
     if len(heads) == 2 and ref_lm_head_dv.shape != lm_head_dv.shape:
         raise ValueError(f"{where}: ref_lm_head_dv shape {ref_lm_head_dv.shape} != lm_head_dv shape "
                          f"{lm_head_dv.shape}")
-    _check_labels(labels_bt, (b, t), vocab, where)
-    _check_mask(attention_mask_bt, (b, t), align=align, include_padding=include_padding, where=where)
+    check_labels(labels_bt, (b, t), vocab, where)
+    check_mask(attention_mask_bt, (b, t), align=align, include_padding=include_padding, where=where)
 
     targets_bt = _shifted_targets_bt(labels_bt)
     mask_bt = _align_mask_bt(labels_bt, attention_mask_bt, align, include_padding)
