@@ -165,3 +165,17 @@ def test_write_jsonl_roundtrip_and_dispatch(tmp_path):
     assert [e.id for e in read_examples(CRAG)][:1] == ["7bb29eb4-12f9-45f9-bf8a-66832b3c8962"]
     assert len(list(read_examples(RAG_INSTRUCT))) == 3
     assert isinstance(next(read_examples(OURS)), RagExample)
+
+
+def test_iter_jsonl_objects_names_file_and_true_line(tmp_path):
+    from selfaug_jax.data.readers import iter_jsonl_objects
+
+    path = tmp_path / "recs.jsonl"
+    path.write_text('{"id": 1, "prompt": "a"}\n\n   \n{"id": 2, "prompt": "b"}\n', encoding="utf-8")
+    assert [(w.rsplit(":", 1)[1], r["id"]) for w, r in iter_jsonl_objects(path, ("id", "prompt"))] == [("1", 1), ("4", 2)]
+    path.write_text('{"id": 1, "prompt": "a"}\n\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"recs\.jsonl:3: expected a JSON object, got list"):
+        list(iter_jsonl_objects(path))
+    path.write_text('\n{"id": 1}\n', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"recs\.jsonl:2: missing fields \['prompt'\]"):
+        list(iter_jsonl_objects(path, ("id", "prompt")))

@@ -39,6 +39,8 @@ from typing import Any, Callable
 
 import yaml
 
+from selfaug_jax.data.readers import iter_jsonl_objects
+
 UNANSWERABLE_ANSWER = "The documents do not contain this information."
 """Fixed answer of the "not in the documents" examples (see ``selfaug_jax.eval.rag_metrics``)."""
 
@@ -435,16 +437,7 @@ def load_default_task(split: str, assets_dir: str | Path = ASSETS_DIR) -> list[d
     """Read one committed split (``train``, ``dev`` or ``test``) as a list of dicts."""
     if split not in SPLITS:
         raise ValueError(f"load_default_task: split must be one of {SPLITS}, got {split!r}")
-    path = Path(assets_dir) / f"{split}.jsonl"
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from err
-    return records
+    return [rec for _, rec in iter_jsonl_objects(Path(assets_dir) / f"{split}.jsonl")]
 
 
 def main(argv: list[str] | None = None) -> None:

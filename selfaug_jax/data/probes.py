@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from selfaug_jax.data.readers import iter_jsonl_objects
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "probes"
 SOURCES_PATH = ASSETS_DIR / "sources.yaml"
 IFEVAL_FILE = "ifeval_probes.jsonl"
@@ -242,20 +244,7 @@ def write_probes(out_dir: str | Path = ASSETS_DIR, seed: int = 0) -> dict[str, P
 
 
 def _load(path: Path, required: tuple[str, ...]) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from err
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing fields {missing}")
-            out.append(rec)
-    return out
+    return [rec for _, rec in iter_jsonl_objects(path, required)]
 
 
 def load_ifeval_probes(path: str | Path = ASSETS_DIR / IFEVAL_FILE) -> list[dict]:

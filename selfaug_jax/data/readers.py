@@ -103,6 +103,22 @@ def iter_jsonl_records(path: str | Path) -> Iterator[tuple[int, Any]]:
             raise DataFormatError(f"{path}:{lineno + 1}: cannot read ({e})") from None
 
 
+def iter_jsonl_objects(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("path:line", record)`` for every non-blank line, each a JSON object with the ``required`` fields.
+
+    Blank lines are skipped (and counted in the line numbers); bad JSON, a non-object line or a missing field
+    raises :class:`DataFormatError` naming ``path:line``. Compressed files are read as by :func:`open_text`.
+    """
+    for lineno, rec in iter_jsonl_records(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict):
+            raise DataFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise DataFormatError(f"{where}: missing fields {missing}")
+        yield where, rec
+
+
 _WS = re.compile(r"[ \t\r\n]*")
 
 

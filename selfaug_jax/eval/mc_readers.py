@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from selfaug_jax.data.readers import iter_jsonl_objects
 
 __all__ = [
     "MCExample",
@@ -115,18 +116,7 @@ def read_mmlu_csv(path: str | Path, subject: str | None = None) -> list[MCExampl
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(path:line, record)`` for each non-blank line; bad JSON / non-objects raise with the location."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            src = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{src}: invalid JSON: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{src}: expected a JSON object, got {type(rec).__name__}")
-            yield src, rec
+    yield from iter_jsonl_objects(path)
 
 
 def _field(rec: dict[str, Any], key: str, kind: type | tuple[type, ...], src: str) -> Any:
