@@ -11,6 +11,8 @@ Usage::
     python bench/step.py --method lora --batch 1 --seq 2048 --steps 3 --remat dots --dtype float32
     python bench/step.py --method selfaug --batch 8 --seq 512 --steps 5 --mesh data=2,fsdp=1,tensor=1 --cpu-devices 2
     python bench/step.py --table bench/results/step_cpu.jsonl     # markdown table + selfaug/lora ratios
+    python bench/step.py --peak-only --dtype float32              # re-measure the cached peak FLOP/s
+    python bench/step.py --method lora --batch 1 --seq 2048 --attention-chunk 0   # dense attention
 
 Run every configuration in a fresh process: ``peak_rss_mb`` is the process-wide ``ru_maxrss``.
 
@@ -105,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute and param dtype")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_saveable"), default="dots",
                    help="per-layer remat policy (training default: dots)")
+    p.add_argument("--attention-chunk", type=int, default=None,
+                   help="query-chunk length of attention (default: the model default, 512); 0 = dense attention")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=512, help="fused-loss vocabulary chunk (tokens)")
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (needs train.sharding.ShardingPlan)")
@@ -112,14 +116,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak FLOP/s measurement")
     p.add_argument("--remeasure-peak", action="store_true")
+    p.add_argument("--peak-only", action="store_true",
+                   help="(re)measure and cache the peak FLOP/s of this device and --dtype, print it, exit")
     p.add_argument("--json", action="store_true", help="print only the JSON line (no progress on stderr)")
     p.add_argument("--out", default=None, help="JSONL to append to (default bench/results/step_<platform>.jsonl)")
     p.add_argument("--table", default=None, metavar="JSONL",
                    help="print a markdown table (and lora/selfaug ratios) of a results JSONL, then exit")
     args = p.parse_args(argv)
-    if args.method is None and args.table is None:
+    if args.method is None and args.table is None and not args.peak_only:
         p.error("--method is required")
     return args
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value / scale, spec)
+
+
+def _delta(rec: dict[str, Any], base: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
+    if rec.get(key) is None or base.get(key) is None:
+        return "-"
+    return format((rec[key] - base[key]) / scale, spec)
 
 
 def markdown_table(path: str | Path) -> str:
@@ -127,27 +143,31 @@ def markdown_table(path: str | Path) -> str:
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     recs.sort(key=lambda r: (r["seq"], r["batch"], METHODS.index(r["method"])))
     rows = [
-        "| method | B x T | dtype | remat | median step s (wall) | median step s (cpu) | tokens/s | peak RSS MB "
-        "| compile s | model GFLOP/step | MFU | MFU (6N) | load avg (1/5/15 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | B x T | dtype | remat | attn chunk | median step s (wall) | median step s (cpu) | tokens/s "
+        "| peak RSS MB (process) | peak RSS MB (steps) | XLA temp GB | compile s | model GFLOP/step | MFU | MFU (6N) "
+        "| load avg (1/5/15 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
         cpu = r.get("median_step_cpu_s")
         rows.append(
-            f"| {r['method']} | {r['batch']} x {r['seq']} | {r['dtype']} | {r['remat']} | {r['median_step_s']:.1f} "
+            f"| {r['method']} | {r['batch']} x {r['seq']} | {r['dtype']} | {r['remat']} "
+            f"| {r.get('attention_chunk') or 'dense'} | {r['median_step_s']:.1f} "
             f"| {'-' if cpu is None else f'{cpu:.1f}'} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+            f"| {_fmt(r.get('steps_peak_rss_mb'), '.0f')} | {_fmt(r.get('xla_temp_bytes'), '.2f', 1e9)} "
             f"| {r['compile_s']:.0f} | {r['model_flops_per_step'] / 1e9:.0f} | {r['mfu']:.1%} | {r['mfu_6n']:.1%} "
             f"| {' / '.join(str(x) for x in r['load_avg'] or [])} |"
         )
-    by = {(r["method"], r["batch"], r["seq"], r["dtype"], r["remat"]): r for r in recs}
+    by = {(r["method"], r["batch"], r["seq"], r["dtype"], r["remat"], r.get("attention_chunk")): r for r in recs}
     ratio_rows = [
         "",
-        "| shape | pair | step time ratio (wall) | step time ratio (cpu) | peak RSS delta MB |",
-        "|---|---|---|---|---|",
+        "| shape | pair | step time ratio (wall) | step time ratio (cpu) | peak RSS delta MB (process) "
+        "| peak RSS delta MB (steps) | XLA temp delta GB |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for (method, b, t, dt, rm), r in by.items():
+    for (method, b, t, dt, rm, ac), r in by.items():
         base_method = {"selfaug": "lora", "sft-selfaug": "sft"}.get(method)
-        base = by.get((base_method, b, t, dt, rm)) if base_method else None
+        base = by.get((base_method, b, t, dt, rm, ac)) if base_method else None
         if base is None:
             continue
         cpu = (
@@ -155,9 +175,10 @@ def markdown_table(path: str | Path) -> str:
             if r.get("median_step_cpu_s") and base.get("median_step_cpu_s") else "-"
         )
         ratio_rows.append(
-            f"| {b} x {t} {dt} remat={rm} | {method} / {base_method} "
+            f"| {b} x {t} {dt} remat={rm} attn={ac or 'dense'} | {method} / {base_method} "
             f"| {r['median_step_s'] / base['median_step_s']:.2f} | {cpu} "
-            f"| {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} |"
+            f"| {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | {_delta(r, base, 'steps_peak_rss_mb', '+.0f')} "
+            f"| {_delta(r, base, 'xla_temp_bytes', '+.2f', 1e9)} |"
         )
     return "\n".join(rows + (ratio_rows if len(ratio_rows) > 3 else []))
 
@@ -171,6 +192,47 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process in MB (Linux ``ru_maxrss`` is in KiB, macOS in bytes)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6
+
+
+def reset_peak_rss() -> None:
+    """Reset this process' peak RSS (``VmHWM``) by writing 5 to ``/proc/self/clear_refs`` (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def hwm_rss_mb() -> float | None:
+    """``VmHWM`` (peak RSS since the last :func:`reset_peak_rss`) in MB, or ``None`` where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return None
+
+
+def xla_memory_analysis(compiled: Any) -> dict[str, int]:
+    """XLA's buffer assignment of the compiled step: temporaries, arguments, outputs, aliased bytes."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- optional on some backends
+        return {}
+    if ma is None:
+        return {}
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    return {f"xla_{f.replace('_size_in_bytes', '_bytes')}": int(getattr(ma, f)) for f in fields if hasattr(ma, f)}
+
+
+def device_peak_memory(device: Any) -> int | None:
+    """Peak bytes in use on an accelerator (``memory_stats()["peak_bytes_in_use"]``); ``None`` on CPU."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 -- not every backend implements memory_stats
+        return None
+    return None if not stats else stats.get("peak_bytes_in_use")
 
 
 def load_avg() -> list[float] | None:
@@ -265,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     sys.path.insert(0, str(ROOT))
     from selfaug_jax.loss import SelfAugLossConfig
     from selfaug_jax.lora import LoRAConfig
-    from selfaug_jax.models import DEFAULT_MODEL, LoRAParam, load_pretrained
+    from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK, DEFAULT_MODEL, load_pretrained
     from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
     from selfaug_jax.train.state import init_train_state, uses_lora
     from selfaug_jax.train.step import StepConfig, make_train_step
@@ -291,8 +353,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
     device_kind = device.device_kind
+    if args.peak_only:
+        args.remeasure_peak = True
+        peak = cached_peak_flops(args, jax, jnp, device_kind)
+        print(json.dumps(peak))
+        return peak
     t0 = time.perf_counter()
-    model = load_pretrained(args.model or DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat)
+    attention_chunk = DEFAULT_ATTENTION_CHUNK if args.attention_chunk is None else (args.attention_chunk or None)
+    model = load_pretrained(args.model or DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
+                            attention_chunk=attention_chunk)
     load_s = time.perf_counter() - t0
     cfg = model.config
     log(args, f"loaded {args.model or DEFAULT_MODEL} in {load_s:.1f}s on {device_kind} ({jax.device_count()} dev)")
@@ -320,16 +389,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     batches = [put(synthetic_batch(args.batch, args.seq, cfg.vocab_size, args.seed + i)) for i in range(2)]
 
     t0 = time.perf_counter()
-    state, metrics = step_fn(state, batches[0])
+    compiled = step_fn.lower(state, batches[0]).compile()  # the executable every step below runs
+    compile_s = time.perf_counter() - t0
+    memory = xla_memory_analysis(compiled)
+    rss_compile_mb = peak_rss_mb()
+    reset_peak_rss()  # from here on VmHWM is the peak of the steps alone (Linux)
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batches[0])
     jax.block_until_ready((state, metrics))
-    compile_s = time.perf_counter() - t0  # compile + first execution
+    first_step_s = time.perf_counter() - t0
     first_loss = float(metrics["loss"])
-    log(args, f"compile step {compile_s:.1f}s, loss {first_loss:.4f}")
+    log(args, f"compile {compile_s:.1f}s (XLA temp {memory.get('xla_temp_bytes', 0) / 1e9:.2f} GB), first step "
+              f"{first_step_s:.1f}s, loss {first_loss:.4f}")
 
     times, cpu_times = [], []
     for i in range(args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        state, metrics = step_fn(state, batches[(i + 1) % 2])
+        state, metrics = compiled(state, batches[(i + 1) % 2])
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
@@ -340,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit("loss is NaN")
 
     rss_mb = peak_rss_mb()  # before the (tiny) peak-FLOP/s matmul, which may run below
+    steps_rss_mb = hwm_rss_mb()
+    device_peak_bytes = device_peak_memory(device)
     median = statistics.median(times)
     tokens = args.batch * args.seq
     flops = model_flops(cfg, args.method, args.batch, args.seq, lora_params)
@@ -359,7 +437,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "median_step_cpu_s": statistics.median(cpu_times),
         "step_cpu_times_s": cpu_times,
         "peak_rss_mb": round(rss_mb, 1),
+        "compile_peak_rss_mb": round(rss_compile_mb, 1),
+        "steps_peak_rss_mb": None if steps_rss_mb is None else round(steps_rss_mb, 1),
+        **memory,
         "compile_s": compile_s,
+        "first_step_s": first_step_s,
         "load_s": load_s,
         "model_flops_per_step": flops["model_flops_per_step"],
         "model_flops_per_step_6n": flops["model_flops_per_step_6n"],
@@ -379,6 +461,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "remat": args.remat,
         "lora_rank": args.lora_rank if uses_lora(args.method) else None,
         "chunk_size": args.chunk_size,
+        "attention_chunk": attention_chunk,
+        "device_peak_bytes": device_peak_bytes,
         "mesh": dataclasses.asdict(mesh) if args.mesh else None,
         "platform": device.platform,
         "device_kind": device_kind,
