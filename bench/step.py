@@ -128,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _mesh(rec: dict[str, Any]) -> str:
+    mesh = rec.get("mesh")
+    return "-" if not mesh else f"data={mesh['data']},fsdp={mesh['fsdp']},tensor={mesh['tensor']}"
+
+
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value / scale, spec)
 
@@ -143,31 +148,32 @@ def markdown_table(path: str | Path) -> str:
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     recs.sort(key=lambda r: (r["seq"], r["batch"], METHODS.index(r["method"])))
     rows = [
-        "| method | B x T | dtype | remat | attn chunk | median step s (wall) | median step s (cpu) | tokens/s "
+        "| method | B x T | mesh | dtype | remat | attn chunk | median step s (wall) | median step s (cpu) | tokens/s "
         "| peak RSS MB (process) | peak RSS MB (steps) | XLA temp GB | compile s | model GFLOP/step | MFU | MFU (6N) "
         "| load avg (1/5/15 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
         cpu = r.get("median_step_cpu_s")
         rows.append(
-            f"| {r['method']} | {r['batch']} x {r['seq']} | {r['dtype']} | {r['remat']} "
+            f"| {r['method']} | {r['batch']} x {r['seq']} | {_mesh(r)} | {r['dtype']} | {r['remat']} "
             f"| {r.get('attention_chunk') or 'dense'} | {r['median_step_s']:.1f} "
             f"| {'-' if cpu is None else f'{cpu:.1f}'} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
             f"| {_fmt(r.get('steps_peak_rss_mb'), '.0f')} | {_fmt(r.get('xla_temp_bytes'), '.2f', 1e9)} "
             f"| {r['compile_s']:.0f} | {r['model_flops_per_step'] / 1e9:.0f} | {r['mfu']:.1%} | {r['mfu_6n']:.1%} "
             f"| {' / '.join(str(x) for x in r['load_avg'] or [])} |"
         )
-    by = {(r["method"], r["batch"], r["seq"], r["dtype"], r["remat"], r.get("attention_chunk")): r for r in recs}
+    by = {(r["method"], r["batch"], r["seq"], r["dtype"], r["remat"], r.get("attention_chunk"), _mesh(r)): r
+          for r in recs}
     ratio_rows = [
         "",
         "| shape | pair | step time ratio (wall) | step time ratio (cpu) | peak RSS delta MB (process) "
         "| peak RSS delta MB (steps) | XLA temp delta GB |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (method, b, t, dt, rm, ac), r in by.items():
+    for (method, b, t, dt, rm, ac, mesh), r in by.items():
         base_method = {"selfaug": "lora", "sft-selfaug": "sft"}.get(method)
-        base = by.get((base_method, b, t, dt, rm, ac)) if base_method else None
+        base = by.get((base_method, b, t, dt, rm, ac, mesh)) if base_method else None
         if base is None:
             continue
         cpu = (
@@ -175,7 +181,7 @@ def markdown_table(path: str | Path) -> str:
             if r.get("median_step_cpu_s") and base.get("median_step_cpu_s") else "-"
         )
         ratio_rows.append(
-            f"| {b} x {t} {dt} remat={rm} attn={ac or 'dense'} | {method} / {base_method} "
+            f"| {b} x {t} {dt} remat={rm} attn={ac or 'dense'} mesh={mesh} | {method} / {base_method} "
             f"| {r['median_step_s'] / base['median_step_s']:.2f} | {cpu} "
             f"| {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | {_delta(r, base, 'steps_peak_rss_mb', '+.0f')} "
             f"| {_delta(r, base, 'xla_temp_bytes', '+.2f', 1e9)} |"

@@ -61,4 +61,4 @@ def test_one_real_run_writes_a_record_and_a_table(step_bench, tmp_path, method):
     assert np.isfinite(rec["first_loss"]) and np.isfinite(rec["last_loss"])
     step_bench.main(args[:1] + ["lora"] + args[2:])
     table = step_bench.markdown_table(out)
-    assert "| selfaug / lora |" in table and "| 2 x 24 float32 remat=dots attn=8 " in table
+    assert "| selfaug / lora |" in table and "| 2 x 24 float32 remat=dots attn=8 mesh=- " in table
