@@ -70,31 +70,18 @@ METHODS = ("lora", "selfaug", "sft", "sft-selfaug")
 PROMPT_FRACTION = 0.75
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshSpec:
-    """Mesh sizes for ``ShardingPlan.from_config`` (the same fields as the experiment config's ``mesh``)."""
+def parse_mesh(text: str | None, cpu_devices: int) -> Any:
+    """``"data=2,fsdp=1,tensor=1"`` -> the experiment config's ``MeshSection`` (missing axes are 1)."""
+    from selfaug_jax.experiment.config import MeshSection
 
-    data: int = 1
-    fsdp: int = 1
-    tensor: int = 1
-    cpu_devices: int = 0
-    distributed: bool = False
-
-    @property
-    def size(self) -> int:
-        return self.data * self.fsdp * self.tensor
-
-    @classmethod
-    def parse(cls, text: str | None, cpu_devices: int) -> "MeshSpec":
-        """``"data=2,fsdp=1,tensor=1"`` -> MeshSpec (missing axes are 1)."""
-        sizes: dict[str, int] = {}
-        for part in filter(None, (text or "").split(",")):
-            key, _, value = part.partition("=")
-            key = key.strip()
-            if key not in ("data", "fsdp", "tensor") or not value.strip().isdigit():
-                raise SystemExit(f"--mesh: bad entry {part!r}; expected data=N,fsdp=N,tensor=N")
-            sizes[key] = int(value)
-        return cls(**sizes, cpu_devices=cpu_devices)
+    sizes: dict[str, int] = {}
+    for part in filter(None, (text or "").split(",")):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in ("data", "fsdp", "tensor") or not value.strip().isdigit():
+            raise SystemExit(f"--mesh: bad entry {part!r}; expected data=N,fsdp=N,tensor=N")
+        sizes[key] = int(value)
+    return MeshSection(**sizes, cpu_devices=cpu_devices or None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="query-chunk length of attention (default: the model default, 512); 0 = dense attention")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=512, help="fused-loss vocabulary chunk (tokens)")
-    p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (needs train.sharding.ShardingPlan)")
+    p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (a ShardingPlan, as the runner builds)")
     p.add_argument("--cpu-devices", type=int, default=0, help="fake N CPU devices (XLA host platform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak FLOP/s measurement")
@@ -143,6 +130,10 @@ def _delta(rec: dict[str, Any], base: dict[str, Any], key: str, spec: str, scale
     return format((rec[key] - base[key]) / scale, spec)
 
 
+def _ratio(rec: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    return f"{rec[key] / base[key]:.2f}" if rec.get(key) and base.get(key) else "-"
+
+
 def markdown_table(path: str | Path) -> str:
     """A markdown table of the records in ``path`` plus the selfaug/lora (sft-selfaug/sft) ratios per shape."""
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -154,11 +145,10 @@ def markdown_table(path: str | Path) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
-        cpu = r.get("median_step_cpu_s")
         rows.append(
             f"| {r['method']} | {r['batch']} x {r['seq']} | {_mesh(r)} | {r['dtype']} | {r['remat']} "
             f"| {r.get('attention_chunk') or 'dense'} | {r['median_step_s']:.1f} "
-            f"| {'-' if cpu is None else f'{cpu:.1f}'} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+            f"| {_fmt(r.get('median_step_cpu_s'), '.1f')} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
             f"| {_fmt(r.get('steps_peak_rss_mb'), '.0f')} | {_fmt(r.get('xla_temp_bytes'), '.2f', 1e9)} "
             f"| {r['compile_s']:.0f} | {r['model_flops_per_step'] / 1e9:.0f} | {r['mfu']:.1%} | {r['mfu_6n']:.1%} "
             f"| {' / '.join(str(x) for x in r['load_avg'] or [])} |"
@@ -176,13 +166,9 @@ def markdown_table(path: str | Path) -> str:
         base = by.get((base_method, b, t, dt, rm, ac, mesh)) if base_method else None
         if base is None:
             continue
-        cpu = (
-            f"{r['median_step_cpu_s'] / base['median_step_cpu_s']:.2f}"
-            if r.get("median_step_cpu_s") and base.get("median_step_cpu_s") else "-"
-        )
         ratio_rows.append(
             f"| {b} x {t} {dt} remat={rm} attn={ac or 'dense'} mesh={mesh} | {method} / {base_method} "
-            f"| {r['median_step_s'] / base['median_step_s']:.2f} | {cpu} "
+            f"| {r['median_step_s'] / base['median_step_s']:.2f} | {_ratio(r, base, 'median_step_cpu_s')} "
             f"| {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | {_delta(r, base, 'steps_peak_rss_mb', '+.0f')} "
             f"| {_delta(r, base, 'xla_temp_bytes', '+.2f', 1e9)} |"
         )
@@ -200,12 +186,16 @@ def peak_rss_mb() -> float:
     return rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6
 
 
-def reset_peak_rss() -> None:
-    """Reset this process' peak RSS (``VmHWM``) by writing 5 to ``/proc/self/clear_refs`` (Linux >= 4.0)."""
+def reset_peak_rss() -> bool:
+    """Reset this process' peak RSS (``VmHWM``) by writing 5 to ``/proc/self/clear_refs`` (Linux >= 4.0).
+
+    Returns whether it worked; without the reset ``VmHWM`` is still the whole process' peak.
+    """
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
+        return False
+    return True
 
 
 def hwm_rss_mb() -> float | None:
@@ -320,17 +310,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.table:
         print(markdown_table(args.table))
         return None
-    mesh = MeshSpec.parse(args.mesh, args.cpu_devices)
-    if args.cpu_devices > 1:  # must precede jax initialisation
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
-        ).strip()
-
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
+    if args.cpu_devices > 1:  # must precede JAX's backend initialisation (as in experiments/run.py)
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     sys.path.insert(0, str(ROOT))
+    mesh = parse_mesh(args.mesh, args.cpu_devices)
     from selfaug_jax.loss import SelfAugLossConfig
     from selfaug_jax.lora import LoRAConfig
     from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK, DEFAULT_MODEL, load_pretrained
@@ -338,23 +324,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     from selfaug_jax.train.state import init_train_state, uses_lora
     from selfaug_jax.train.step import StepConfig, make_train_step
 
-    plan = None
-    if mesh.size > 1 or args.mesh:
-        try:
-            from selfaug_jax.train.sharding import ShardingPlan
-        except ImportError as exc:
-            if mesh.size > 1:
-                raise SystemExit(
-                    f"--mesh {args.mesh} needs selfaug_jax.train.sharding.ShardingPlan, which is not importable "
-                    f"({exc}); run without --mesh (single device)"
-                ) from exc
-            ShardingPlan = None  # noqa: N806 -- a 1x1x1 mesh is the single-device path anyway
-        if ShardingPlan is not None:
-            plan = ShardingPlan.from_config(mesh)
-    if plan is None and mesh.size > 1:
-        raise SystemExit("internal: mesh > 1 without a sharding plan")
-    if mesh.size > 1 and mesh.size > jax.device_count():
-        raise SystemExit(f"--mesh needs {mesh.size} devices, have {jax.device_count()} (use --cpu-devices)")
+    from selfaug_jax.train.sharding import ShardingPlan
+
+    plan = ShardingPlan.from_config(mesh) if args.mesh else None  # checks the sizes against the device count
 
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
@@ -399,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     compile_s = time.perf_counter() - t0
     memory = xla_memory_analysis(compiled)
     rss_compile_mb = peak_rss_mb()
-    reset_peak_rss()  # from here on VmHWM is the peak of the steps alone (Linux)
+    hwm_was_reset = reset_peak_rss()  # from here on VmHWM is the peak of the steps alone (Linux)
     t0 = time.perf_counter()
     state, metrics = compiled(state, batches[0])
     jax.block_until_ready((state, metrics))
@@ -422,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit("loss is NaN")
 
     rss_mb = peak_rss_mb()  # before the (tiny) peak-FLOP/s matmul, which may run below
-    steps_rss_mb = hwm_rss_mb()
+    steps_rss_mb = hwm_rss_mb() if hwm_was_reset else None
     device_peak_bytes = device_peak_memory(device)
     median = statistics.median(times)
     tokens = args.batch * args.seq
@@ -449,12 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "compile_s": compile_s,
         "first_step_s": first_step_s,
         "load_s": load_s,
-        "model_flops_per_step": flops["model_flops_per_step"],
-        "model_flops_per_step_6n": flops["model_flops_per_step_6n"],
-        "policy_flops": flops["policy_flops"],
-        "reference_flops": flops["reference_flops"],
-        "n_matmul_params": flops["n_matmul_params"],
-        "n_lora_params": lora_params,
+        **flops,
         "achieved_flops": flops["model_flops_per_step"] / median,
         "peak_flops": peak_flops,
         "peak_flops_load_avg": peak.get("load_avg"),
