@@ -47,8 +47,8 @@ Two implementations with the same values and gradients:
   but supports higher-order and forward-mode differentiation.
 
 All functions are pure, jit-able, use static shapes and never sync with the host inside traced code. Options are
-Python values (static under ``jax.jit``). This module (with its validation helpers in ``loss_checks.py``) imports only jax, numpy and the
-standard library.
+Python values (static under ``jax.jit``). This module (with its validation helpers in ``loss_checks.py``) imports
+only jax, numpy and the standard library.
 """
 
 from __future__ import annotations
@@ -80,11 +80,9 @@ __all__ = [
     "token_counts",
 ]
 
-
 Direction = Literal["forward", "reverse", "jsd"]
 Align = Literal["prompt", "prompt_without_padding", "all"]
 GradMode = Literal["precompute", "remat"]
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +105,7 @@ class SelfAugLossConfig:
 
     def __post_init__(self) -> None:
         check_options(alpha=self.alpha, direction=self.direction, beta=self.beta, temperature=self.temperature,
-                       align=self.align, include_padding=self.include_padding, where="SelfAugLossConfig")
+                      align=self.align, include_padding=self.include_padding, where="SelfAugLossConfig")
         check_fused_options(self.chunk_size, self.grad_mode, where="SelfAugLossConfig")
 
     def loss_kwargs(self) -> dict[str, Any]:
@@ -249,9 +247,9 @@ def selfaug_kl(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: jax.
     """
     where = "selfaug_kl"
     check_options(alpha=0.0, direction=direction, beta=beta, temperature=temperature, align=align,
-                   include_padding=include_padding, where=where)
+                  include_padding=include_padding, where=where)
     check_logits_pair(logits_btv, ref_logits_btv, labels_bt, attention_mask_bt, align=align,
-                       include_padding=include_padding, where=where)
+                      include_padding=include_padding, where=where)
     mask_bt = _align_mask_bt(labels_bt, attention_mask_bt, align, include_padding)
     dtype = _compute_dtype(logits_btv, ref_logits_btv)
     div_bt = _divergence_per_token(logits_btv.astype(dtype), ref_logits_btv.astype(dtype),
@@ -277,9 +275,9 @@ def selfaug_loss(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: ja
     """
     where = "selfaug_loss"
     check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
-                   include_padding=include_padding, where=where)
+                  include_padding=include_padding, where=where)
     check_logits_pair(logits_btv, ref_logits_btv, labels_bt, attention_mask_bt, align=align,
-                       include_padding=include_padding, where=where)
+                      include_padding=include_padding, where=where)
 
     dtype = _compute_dtype(logits_btv, ref_logits_btv)
     logits_f32 = logits_btv.astype(dtype)
@@ -364,7 +362,7 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
         ref_hidden_btd = hidden_btd  # placeholder of the right shape: never projected (dead code for XLA)
         alpha = 0.0
     check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
-                   include_padding=include_padding, where=where)
+                  include_padding=include_padding, where=where)
     check_fused_options(chunk_size, grad_mode, where=where)
     for name, x in (("hidden_btd", hidden_btd), ("ref_hidden_btd", ref_hidden_btd)):
         check_logits(x, name, where)

@@ -23,7 +23,7 @@ GRAD_MODES = ("precompute", "remat")
 
 
 def check_options(*, alpha: float, direction: str, beta: float, temperature: float, align: str,
-                   include_padding: bool, where: str) -> None:
+                  include_padding: bool, where: str) -> None:
     if direction not in DIRECTIONS:
         raise ValueError(f"{where}: direction={direction!r}; expected one of {DIRECTIONS}")
     if align not in ALIGNS:
@@ -71,7 +71,7 @@ def check_labels(labels_bt: Any, batch_time: tuple[int, int], vocab: int, where:
 
 
 def check_mask(attention_mask_bt: Any, batch_time: tuple[int, int], *, align: str, include_padding: bool,
-                where: str) -> None:
+               where: str) -> None:
     needs_mask = align == "prompt_without_padding" or not include_padding
     if attention_mask_bt is None:
         if needs_mask:
@@ -97,7 +97,7 @@ def check_logits(logits_btv: Any, name: str, where: str) -> None:
 
 
 def check_logits_pair(logits_btv: Any, ref_logits_btv: Any, labels_bt: Any, attention_mask_bt: Any, *,
-                       align: str, include_padding: bool, where: str) -> None:
+                      align: str, include_padding: bool, where: str) -> None:
     """Validate policy / reference logits of the same shape and the labels / mask that go with them."""
     check_logits(logits_btv, "logits_btv", where)
     check_logits(ref_logits_btv, "ref_logits_btv", where)

@@ -42,7 +42,6 @@ CONVERT_FORMAT_VERSION = 1
 MARKER_FILE = "selfaug_convert.json"
 
 
-
 class GGUFConversionError(ValueError):
     """A GGUF file that cannot be converted (wrong architecture, missing metadata, unexpected tensor)."""
 

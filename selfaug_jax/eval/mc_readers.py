@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +113,6 @@ def read_mmlu_csv(path: str | Path, subject: str | None = None) -> list[MCExampl
     return out
 
 
-def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(path:line, record)`` for each non-blank line; bad JSON / non-objects raise with the location."""
-    yield from iter_jsonl_objects(path)
-
-
 def _field(rec: dict[str, Any], key: str, kind: type | tuple[type, ...], src: str) -> Any:
     if key not in rec:
         raise ValueError(f"{src}: missing field {key!r}")
@@ -147,7 +141,7 @@ def read_mmlu_jsonl(path: str | Path) -> list[MCExample]:
     """Read MMLU in the HF ``cais/mmlu`` layout, one JSON object per line."""
     path = Path(path)
     out = []
-    for src, rec in _jsonl(path):
+    for src, rec in iter_jsonl_objects(path):
         question = _field(rec, "question", str, src)
         subject = _field(rec, "subject", str, src)
         choices = _str_list(_field(rec, "choices", list, src), "choices", src)
@@ -162,7 +156,7 @@ def read_arc_jsonl(path: str | Path) -> list[MCExample]:
     """Read ARC (AI2 nested layout, or the HF flattened layout)."""
     path = Path(path)
     out = []
-    for src, rec in _jsonl(path):
+    for src, rec in iter_jsonl_objects(path):
         q = _field(rec, "question", (dict, str), src)
         if isinstance(q, dict):
             stem = _field(q, "stem", str, src + " (question)")
@@ -206,7 +200,7 @@ def read_hellaswag_jsonl(path: str | Path) -> list[MCExample]:
     """Read HellaSwag (rowanz JSONL or the HF export; records without a gold label are an error)."""
     path = Path(path)
     out = []
-    for src, rec in _jsonl(path):
+    for src, rec in iter_jsonl_objects(path):
         ctx_a = _field(rec, "ctx_a", str, src)
         ctx_b = _field(rec, "ctx_b", str, src)
         activity = _field(rec, "activity_label", str, src)
@@ -230,7 +224,7 @@ def read_hellaswag_jsonl(path: str | Path) -> list[MCExample]:
 
 
 def _sniff_jsonl(path: Path) -> str:
-    for src, rec in _jsonl(path):
+    for src, rec in iter_jsonl_objects(path):
         if "endings" in rec and "ctx_a" in rec:
             return "hellaswag"
         if "answerKey" in rec:

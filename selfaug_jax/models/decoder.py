@@ -28,9 +28,9 @@ from selfaug_jax.models.attention import (
 from selfaug_jax.models.config import ModelConfig
 from selfaug_jax.models.remat import REMAT_POLICIES, ordered_checkpoint
 
-# Query-chunk length of training/prefill attention (``grouped_query_attention``'s ``q_chunk``). At T=2048 on
-# SmolLM2 an unchunked layer keeps ~0.65 GB of float32 score/probability buffers for the backward
-# (bench/README.md); chunks of 512 bound that by [b, heads, 512, t] per layer at a time.
+# Query-chunk length of training/prefill attention (``grouped_query_attention``'s ``q_chunk``). Dense attention
+# holds a float32 [b, heads, t, t] score buffer per layer being computed (all layers' probabilities without remat);
+# chunks of 512 bound that by [b, heads, 512, t], which matters from a few thousand tokens on (bench/README.md).
 DEFAULT_ATTENTION_CHUNK = 512
 
 KVCache = list[tuple[jnp.ndarray, jnp.ndarray]]  # per layer: (k [b, s, k, d], v [b, s, k, d])

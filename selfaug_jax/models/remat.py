@@ -11,7 +11,8 @@ residuals (including the dropout PRNG keys) through :func:`tie_to`, which makes 
 the incoming cotangent. The recompute then needs the cotangent, which only exists once the layers above have
 finished their backward, so layers are recomputed one at a time, top to bottom. (``jax.lax.optimization_barrier``
 would say the same, but XLA CPU expands barriers away before it schedules.) With the tie, the same step's buffer
-assignment grows by ~17 MB per layer instead of ~116 MB. Values and gradients are those of plain ``jax.checkpoint`` (``tests/test_models_remat.py``).
+assignment grows by ~17 MB per layer instead of ~116 MB. Values and gradients are those of plain
+``jax.checkpoint`` (``tests/test_models_remat.py``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ def ordered_checkpoint(fn: Callable[..., Any], policy: Callable[..., Any] | None
         return remat_fn(*args)
 
     def forward(*args):
-        # ``vjp_fn`` is a pytree (``jax.tree_util.Partial``) whose leaves are what ``policy`` saved plus the inputs.
-        out, vjp_fn = jax.vjp(remat_fn, *args)
-        return out, vjp_fn
+        # The residual ``vjp_fn`` is a pytree (``jax.tree_util.Partial``): what ``policy`` saved plus the inputs.
+        return jax.vjp(remat_fn, *args)
 
     def backward(vjp_fn, cotangent):
         return tie_to(vjp_fn, cotangent)(cotangent)
