@@ -222,10 +222,6 @@ class ShardingPlan:
         """``P(("data", "fsdp"), None)``: rows split over data x fsdp, replicated over tensor."""
         return NamedSharding(self.mesh, P(self.mesh_axes("batch"), None))
 
-    @property
-    def batch_shards(self) -> int:
-        return math.prod(self.axis_sizes[a] for a in self.mesh_axes("batch"))
-
     def process_batch_slice(self, global_batch_size: int) -> slice:
         """The rows of a global batch that this process loads and passes to :meth:`put_batch`."""
         self.spec_for("batch", (global_batch_size, 1), ("batch", None))
