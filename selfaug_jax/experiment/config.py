@@ -18,9 +18,11 @@ from typing import Any
 
 import yaml
 
+from selfaug_jax.checkpoints.default_model import DEFAULT_MODEL_ALIASES
 from selfaug_jax.eval.suite import EvalConfig
 from selfaug_jax.lora import ALL_LINEAR_TARGETS
 from selfaug_jax.loss import SelfAugLossConfig
+from selfaug_jax.models.remat import REMAT_POLICIES
 from selfaug_jax.train.optimizer import OptimizerConfig
 from selfaug_jax.train.state import METHODS
 
@@ -129,8 +131,8 @@ class ExperimentConfig:
         for key, value in (("model.dtype", self.model.dtype), ("model.param_dtype", self.model.param_dtype)):
             if value not in ("float32", "bfloat16"):
                 raise ConfigError(f"{key}: {value!r} is not one of float32, bfloat16")
-        if self.model.remat not in ("none", "full", "dots", "dots_saveable"):
-            raise ConfigError(f"model.remat: {self.model.remat!r} is not one of none, full, dots, dots_saveable")
+        if self.model.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat: {self.model.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.model.attention_chunk is not None and self.model.attention_chunk < 1:
             raise ConfigError(f"model.attention_chunk: {self.model.attention_chunk!r} must be a positive int or null")
         if self.data.format not in ("auto", "jsonl", "crag", "rag-instruct"):
@@ -149,7 +151,7 @@ class ExperimentConfig:
         if self.train.accum_normalization not in ("mean", "token"):
             raise ConfigError(f"train.accum_normalization: {self.train.accum_normalization!r} is not mean or token")
         name = self.model.name
-        if check_paths and name not in ("smollm2-135m-instruct", "default") and not Path(name).exists():
+        if check_paths and name not in DEFAULT_MODEL_ALIASES and not Path(name).exists():
             raise ConfigError(f"model.name: {name!r} is neither the default model name nor an existing path")
         for f, p in self.eval.mc_files.items():
             if check_paths and not Path(p).exists():

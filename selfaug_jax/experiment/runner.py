@@ -140,13 +140,12 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
     }
     periodic = bool(cfg.train.eval_every_steps or cfg.train.eval_every_epoch)
 
+    def evaluate(model, step, epoch):  # the periodic evaluation during training (same suite as the final one)
+        return evaluate_model(model, tokenizer, eval_data, cfg.eval, original_model=base_model,
+                              reference_responses=ref_responses)[0]
+
     for method in cfg.train.methods:
         t_method = time.perf_counter()
-
-        def evaluate(model, step, epoch, _method=method):
-            return evaluate_model(model, tokenizer, eval_data, cfg.eval, original_model=base_model,
-                                  reference_responses=ref_responses)[0]
-
         run = train_method(
             method,
             cfg,

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from selfaug_jax.checkpoints.hf import save_hf_model
 from selfaug_jax.checkpoints.orbax import TrainCheckpointer
 from selfaug_jax.data.batching import BatchConfig, BatchIterator
+from selfaug_jax.data.readers import iter_jsonl_objects
 from selfaug_jax.data.tfds_source import EpochSampler
 from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.lora import LoRAConfig, merge_lora, save_peft_adapter
@@ -84,7 +85,7 @@ def lora_config_of(cfg: ExperimentConfig) -> LoRAConfig:
 
 
 def batch_config_of(cfg: ExperimentConfig, pad_id: int) -> BatchConfig:
-    buckets = tuple(sorted(b for b in cfg.data.buckets if b <= max(cfg.data.buckets)))
+    buckets = tuple(sorted(cfg.data.buckets))
     return BatchConfig(
         batch_size=cfg.train.batch_size,
         buckets=buckets,
@@ -103,6 +104,17 @@ def count_batches_per_epoch(source, batch_config: BatchConfig, seed: int) -> int
     return sum(1 for _ in it)
 
 
+def restart_jsonl(path: Path, resume_step: int | None) -> list[dict[str, Any]]:
+    """The records of a per-step JSONL log kept on resume (``step <= resume_step``; none on a fresh start), written
+    back to ``path`` by the main process so the file continues from the restored step."""
+    records: list[dict[str, Any]] = []
+    if resume_step is not None and path.exists():
+        records = [r for _, r in iter_jsonl_objects(path) if r["step"] <= resume_step]
+    if is_main_process():
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
 class MetricsLogger:
     """``metrics.jsonl`` (+ TensorBoard) writer; on resume, keeps only the lines up to the restored step."""
 
@@ -113,10 +125,7 @@ class MetricsLogger:
         if not self.enabled:
             self.writer = None
             return
-        if resume_step is not None and self.path.exists():
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in kept if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.records = restart_jsonl(self.path, resume_step)
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -200,13 +209,8 @@ def train_method(
         resumed_from = int(state.step)
         logger.info("%s: resumed from step %d", method, resumed_from)
     metrics_log = MetricsLogger(out_dir, tensorboard=cfg.output.tensorboard, resume_step=resumed_from)
-    evals: list[dict[str, Any]] = []
     evals_path = out_dir / "evals.jsonl"
-    if resumed_from is not None and evals_path.exists():
-        evals = [json.loads(x) for x in evals_path.read_text().splitlines() if x.strip()]
-        evals = [e for e in evals if e["step"] <= resumed_from]
-    if is_main_process():
-        evals_path.write_text("".join(json.dumps(e) + "\n" for e in evals))
+    evals = restart_jsonl(evals_path, resumed_from)
 
     def run_eval(step: int) -> None:
         if evaluate is None:
@@ -255,9 +259,10 @@ def train_method(
             bar.update(1)
             if step % tcfg.checkpoint_every == 0 or step == total_steps:
                 save(step)
-            if tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0 and step != total_steps:
-                run_eval(step)
-            elif tcfg.eval_every_epoch and step % steps_per_epoch == 0 and step != total_steps:
+            eval_due = (tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0) or (
+                tcfg.eval_every_epoch and step % steps_per_epoch == 0
+            )
+            if eval_due and step != total_steps:
                 run_eval(step)
     finally:
         bar.close()
