@@ -47,8 +47,8 @@ Two implementations with the same values and gradients:
   but supports higher-order and forward-mode differentiation.
 
 All functions are pure, jit-able, use static shapes and never sync with the host inside traced code. Options are
-Python values (static under ``jax.jit``). This module (with its validation helpers in ``loss_checks.py``) imports
-only jax, numpy and the standard library.
+Python values (static under ``jax.jit``). This module (with its helpers in ``loss_checks.py`` and ``chunking.py``)
+imports only jax, numpy and the standard library.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from selfaug_jax.chunking import to_chunks
 from selfaug_jax.loss_checks import (
     IGNORE_INDEX,
     check_fused_options,
@@ -299,24 +300,6 @@ def selfaug_loss(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: ja
 # Fused API: hidden states + LM head, chunked over tokens.
 
 
-def _to_chunks(x_bt_: jax.Array, chunk_t: int, n_chunks: int, fill: Any) -> jax.Array:
-    """``[B, T, ...]`` -> ``[C, B, chunk_t, ...]`` (padding T with ``fill``); the batch axis keeps its sharding."""
-    b, t = x_bt_.shape[:2]
-    pad = n_chunks * chunk_t - t
-    if pad:
-        widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_bt_.ndim - 2)
-        x_bt_ = jnp.pad(x_bt_, widths, constant_values=fill)
-    x = x_bt_.reshape((b, n_chunks, chunk_t) + x_bt_.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-
-def _from_chunks(x_cbt_: jax.Array, t: int) -> jax.Array:
-    """Inverse of :func:`_to_chunks`: ``[C, B, chunk_t, ...]`` -> ``[B, T, ...]``."""
-    x = jnp.moveaxis(x_cbt_, 0, 1)
-    b, c, ct = x.shape[:3]
-    return x.reshape((b, c * ct) + x.shape[3:])[:, :t]
-
-
 def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | None, lm_head_dv: jax.Array,
                              labels_bt: jax.Array, *, ref_lm_head_dv: jax.Array | None = None,
                              chunk_size: int = 512, grad_mode: GradMode = "precompute", alpha: float = 0.5,
@@ -393,11 +376,10 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
     inv = (inv_target, inv_aligned)
 
     chunk_t = min(t, max(1, -(-chunk_size // b)))
-    n_chunks = -(-t // chunk_t)
-    h_cbtd = _to_chunks(hidden_btd, chunk_t, n_chunks, 0)
-    rh_cbtd = _to_chunks(jax.lax.stop_gradient(ref_hidden_btd), chunk_t, n_chunks, 0)
-    tgt_cbt = _to_chunks(targets_bt, chunk_t, n_chunks, IGNORE_INDEX)
-    msk_cbt = _to_chunks(mask_bt, chunk_t, n_chunks, False)
+    h_cbtd = to_chunks(hidden_btd, chunk_t)
+    rh_cbtd = to_chunks(jax.lax.stop_gradient(ref_hidden_btd), chunk_t)
+    tgt_cbt = to_chunks(targets_bt, chunk_t, IGNORE_INDEX)
+    msk_cbt = to_chunks(mask_bt, chunk_t, False)
     div_kw = dict(direction=direction, beta=beta, temperature=temperature)
 
     def project(h_btd: jax.Array, w_dv: jax.Array) -> jax.Array:

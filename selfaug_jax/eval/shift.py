@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from selfaug_jax.chunking import to_chunks
+
 __all__ = [
     "REGION_PAD",
     "REGION_INPUT",
@@ -219,14 +221,6 @@ def _kl_impl(graphdef_f: Any, graphdef_o: Any, state_f: Any, state_o: Any, h_f_b
     """
     w_f_dv = nnx.merge(graphdef_f, state_f).lm_head_weight().astype(h_f_btd.dtype)
     w_o_dv = nnx.merge(graphdef_o, state_o).lm_head_weight().astype(h_o_btd.dtype)
-    b, t = region_bt.shape
-    n_chunks = -(-t // chunk_t)
-    pad = n_chunks * chunk_t - t
-
-    def chunks(x, fill):  # [B, T, ...] -> [C, B, chunk_t, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill) if pad else x
-        return jnp.moveaxis(x.reshape((b, n_chunks, chunk_t) + x.shape[2:]), 1, 0)
-
     def body(acc_2, xs):
         hf_btd, ho_btd, reg_bt = xs
         logp_f_btv = jax.nn.log_softmax(jnp.dot(hf_btd, w_f_dv, preferred_element_type=jnp.float32), axis=-1)
@@ -236,7 +230,7 @@ def _kl_impl(graphdef_f: Any, graphdef_o: Any, state_f: Any, state_o: Any, h_f_b
                             jnp.sum(jnp.where(reg_bt == REGION_RESPONSE, kl_bt, 0.0))])
         return acc_2 + sums_2, None
 
-    xs = (chunks(h_f_btd, 0), chunks(h_o_btd, 0), chunks(region_bt, REGION_PAD))
+    xs = (to_chunks(h_f_btd, chunk_t), to_chunks(h_o_btd, chunk_t), to_chunks(region_bt, chunk_t, REGION_PAD))
     kl_2, _ = jax.lax.scan(body, jnp.zeros((2,), jnp.float32), xs)
     counts_2 = jnp.stack([jnp.sum(region_bt == REGION_INPUT), jnp.sum(region_bt == REGION_RESPONSE)])
     return kl_2, counts_2.astype(jnp.int32)

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from selfaug_jax.chunking import from_chunks, to_chunks
+
 # Fill value for masked scores: finite, so a fully masked row (a padding query) gives a uniform softmax, not NaN.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
@@ -102,26 +104,19 @@ def grouped_query_attention(
             softmax still sees all keys, so the result equals the unchunked one up to float rounding. ``t`` is padded
             up to a multiple of ``q_chunk`` (padding rows are computed and dropped).
     """
-    b, t, h, d = q_bthd.shape
+    t = q_bthd.shape[1]
     if q_chunk is None or t <= q_chunk:
         return _attention_block(q_bthd, k_bskd, v_bskd, mask_bts)
-    n_chunks = -(-t // q_chunk)
-    pad = n_chunks * q_chunk - t
-    if pad:
-        q_bthd = jnp.pad(q_bthd, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        mask_bts = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)))
     # [n, b, c, ...]: lax.map scans over the leading chunk axis; k and v are loop constants (not copied per chunk).
-    q_nbchd = q_bthd.reshape(b, n_chunks, q_chunk, h, d).swapaxes(0, 1)
-    mask_nbcs = mask_bts.reshape(b, n_chunks, q_chunk, -1).swapaxes(0, 1)
+    q_nbchd = to_chunks(q_bthd, q_chunk)
+    mask_nbcs = to_chunks(mask_bts, q_chunk, False)
 
     @jax.checkpoint
     def one_chunk(args):
         q_bchd, m_bcs = args
         return _attention_block(q_bchd, k_bskd, v_bskd, m_bcs)
 
-    out_nbchd = jax.lax.map(one_chunk, (q_nbchd, mask_nbcs))
-    out_bthd = out_nbchd.swapaxes(0, 1).reshape(b, n_chunks * q_chunk, h, d)
-    return out_bthd[:, :t] if pad else out_bthd
+    return from_chunks(jax.lax.map(one_chunk, (q_nbchd, mask_nbcs)), t)
 
 
 def _attention_block(
