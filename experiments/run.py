@@ -10,6 +10,10 @@
     python experiments/run.py --cpu-devices 8 --mesh data=2,fsdp=2,tensor=2 --preset smoke
 
 Positional ``section.key=value`` arguments override any config field (see ``experiments/configs/*.yaml``).
+
+Exit status: 0 done; 2 a bad input (config key or value, data file, model directory, tokenizer, mesh, checkpoint
+directory), reported as one line on stderr before the work it would break (``--debug``: with the traceback);
+3 training stopped on a non-finite loss (the last good checkpoint is kept). Logs go to stdout.
 """
 
 from __future__ import annotations
@@ -40,14 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-devices", type=int, help="fake N host devices on CPU (testing sharding)")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of input errors")
     return p.parse_args(argv)
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     """Translate the convenience flags into dotted config overrides (explicit overrides win: they come last)."""
+    from selfaug_jax.experiment.config import ConfigError
+
     out = []
     if args.method and args.compare:
-        raise SystemExit("error: use either --method or --compare, not both")
+        raise ConfigError("use either --method or --compare, not both")
     if args.method:
         out.append(f"train.methods=[{args.method}]")
     if args.compare:
@@ -63,7 +70,7 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     if args.mesh:
         for part in args.mesh.split(","):
             if "=" not in part:
-                raise SystemExit(f"error: --mesh {args.mesh!r}: expected axis=size pairs like data=2,fsdp=4")
+                raise ConfigError(f"--mesh {args.mesh!r}: expected axis=size pairs like data=2,fsdp=4")
             out.append(f"mesh.{part.strip()}")
     if args.cpu_devices:
         out.append(f"mesh.cpu_devices={args.cpu_devices}")
@@ -72,12 +79,41 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (multi-line messages, e.g. a list of bad tensors, joined by "; ")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Logs go to stdout; stderr carries only errors (and progress bars), so a bad input reads as one line there.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return run(args)
+    except Exception as e:
+        from selfaug_jax.experiment.config import ConfigError
+        from selfaug_jax.experiment.preflight import user_error_types
+        from selfaug_jax.experiment.trainer import TrainingDivergedError
+
+        if args.debug:
+            raise
+        if isinstance(e, ConfigError):
+            print(f"config error: {one_line(e)}", file=sys.stderr)
+            return 2
+        if isinstance(e, user_error_types()):
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
+        if isinstance(e, TrainingDivergedError):
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 3
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
     if args.cpu_devices:  # must happen before JAX initialises its backends
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import jax
@@ -87,28 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from selfaug_jax.checkpoints.default_model import cache_dir
-    from selfaug_jax.experiment.config import ConfigError, build_config
+    from selfaug_jax.experiment.config import build_config
 
     # Persistent XLA compilation cache: a second run (or the default run after the smoke run) skips most compiles.
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-    try:
-        cfg = build_config(args.preset, overrides_from_args(args))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = build_config(args.preset, overrides_from_args(args))
     if cfg.mesh.distributed:
-        import jax
-
         jax.distributed.initialize()
 
     from selfaug_jax.experiment.runner import run_experiment
 
     t0 = time.perf_counter()
     results = run_experiment(cfg, resume=args.resume, progress=not args.no_progress)
-    import jax
-
     if jax.process_index() == 0:
         print()
         print(results["table"])

@@ -8,6 +8,11 @@ frozen copy *is* the original model too).
 Restoring takes an *abstract* target (``jax.ShapeDtypeStruct`` leaves carrying the target ``sharding``), so a
 checkpoint written on 8 devices restores onto 1 or 4 with the target layout, not the saved one. Checkpoints are
 written collectively by every process (Orbax coordinates multi-host writes).
+
+Faults: Orbax writes each step into ``N.orbax-checkpoint-tmp-*`` and renames it to ``N`` only when complete, so a
+process killed mid-save (``kill -9``) leaves the previous step as the latest restorable one
+(``tests/test_checkpoint_faults.py``). A step folder that exists but cannot be read back raises
+:class:`CheckpointRestoreError` naming the folder and the fix.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import jax
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointRestoreError(ValueError):
+    """A checkpoint directory that is missing or cannot be restored (the message names the path)."""
 
 
 def savable_state(state) -> dict[str, Any]:
@@ -73,12 +82,23 @@ class TrainCheckpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise CheckpointRestoreError(f"no checkpoint in {self.directory}")
         target = abstract_like(savable_state(state_template))
-        restored = self._manager.restore(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()),
-        )
+        step_dir = self.directory / str(int(step))
+        try:
+            restored = self._manager.restore(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()),
+            )
+        except Exception as e:  # noqa: BLE001  (Orbax / TensorStore raise many types for unreadable files)
+            first = " ".join(str(e).split())[:300]
+            raise CheckpointRestoreError(
+                f"checkpoint {step_dir} cannot be restored ({type(e).__name__}: {first}); it is corrupted or was "
+                f"written for a different model/method; delete {step_dir} to resume from the previous step, or "
+                "start without --resume"
+            ) from e
+        if restored.extra is None or restored.state is None:
+            raise CheckpointRestoreError(f"checkpoint {step_dir} is incomplete (no state or extra item); delete it")
         saved = restored.state
         state = state_template.replace(
             trainable=saved["trainable"], opt_state=saved["opt_state"], step=saved["step"], rng=saved["rng"]

@@ -5,6 +5,21 @@ A preset is a YAML file under ``experiments/configs/`` whose top-level keys are 
 ``preset_base: NAME`` to inherit from another preset. Overrides use dotted keys (``train.batch_size=4``,
 ``optimizer.learning_rate=1e-4``). Every key is checked: an unknown key or a value of the wrong type is reported
 with the valid choices, before any work starts.
+
+Validation in one place
+-----------------------
+The types of the dataclass fields *are* the schema: ``Literal[...]`` for choices, ``Annotated[int, Range(ge=1)]``
+for bounds, ``X | None`` for optional values, ``tuple[T, ...]`` for lists. :func:`_coerce` checks each value
+against its field's annotation once, while the config is built (so the error names the dotted key);
+:meth:`ExperimentConfig.validate` holds only the checks that involve several fields or the filesystem.
+
+Why this small loader and not pydantic / draccus / omegaconf: the sections are plain dataclasses shared with the
+library (``OptimizerConfig``, ``SelfAugLossConfig``, ``EvalConfig`` are used directly by code that never sees a
+YAML file), presets inherit through ``preset_base`` chains, and overrides are YAML-parsed dotted keys. pydantic
+would have to wrap or re-declare those dataclasses (``pydantic.dataclasses`` changes their construction
+semantics for every library caller) and its error messages name ``loc`` tuples rather than ``train.batch_size``;
+omegaconf's structured configs do not check ``Literal`` choices or numeric ranges; draccus has no preset
+inheritance. The loader is ~150 lines, fully typed-driven, and every message names the key and the valid values.
 """
 
 from __future__ import annotations
@@ -14,7 +29,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -33,18 +48,49 @@ class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Numeric bounds of a config field, attached with ``Annotated[int, Range(ge=1)]`` and checked by the loader."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"{op} {v:g}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                 if v is not None]
+        return " and ".join(parts)
+
+    def check(self, value: float, key: str) -> None:
+        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} must be {self.describe()}")
+
+
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]
+DType = Literal["float32", "bfloat16"]
+RematPolicy = Literal[tuple(REMAT_POLICIES)]  # type: ignore[misc]  (the policy names as Literal arguments)
+Method = Literal[METHODS]  # type: ignore[valid-type]
+LoRATarget = Literal[ALL_LINEAR_TARGETS]  # type: ignore[valid-type]
+
+
 @dataclasses.dataclass
 class ModelSection:
     """Which model, and in which precision. ``name``: HF dir, ``.gguf`` file, or ``smollm2-135m-instruct``."""
 
     name: str = "smollm2-135m-instruct"
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    param_dtype: str = "float32"  # storage of the frozen base (adapters and optimizer state are always float32)
-    remat: str = "dots"  # none | full | dots | dots_saveable (per decoder layer)
-    num_layers: int | None = None  # keep only the first N decoder layers (smoke tests / debugging)
+    dtype: DType = "float32"  # compute dtype
+    param_dtype: DType = "float32"  # storage of the frozen base (adapters and optimizer state are always float32)
+    remat: RematPolicy = "dots"  # none | full | dots | dots_saveable (per decoder layer)
+    num_layers: PositiveInt | None = None  # keep only the first N decoder layers (smoke tests / debugging)
     # Query-chunk length of attention: sequences longer than this never hold a [b, heads, t, t] float32 score
     # tensor (null: dense attention). Values are unchanged up to float rounding.
-    attention_chunk: int | None = 512
+    attention_chunk: PositiveInt | None = 512
 
 
 @dataclasses.dataclass
@@ -52,12 +98,17 @@ class DataSection:
     """Training / evaluation data. ``train``: "default" (the shipped fictional RAG task) or a file."""
 
     train: str = "default"
-    format: str = "auto"  # auto | jsonl | crag | rag-instruct
+    format: Literal["auto", "jsonl", "crag", "rag-instruct"] = "auto"
     crag_split: str = "validation"  # the paper trains on CRAG's validation split
-    max_length: int = 1024
-    truncation: str = "drop"  # drop | truncate (lowest-ranked documents first; never question/answer)
-    buckets: tuple[int, ...] = (256, 512, 768, 1024)
-    max_train_examples: int | None = None
+    max_length: Annotated[int, Range(ge=2)] = 1024
+    # Documents that do not fit are dropped lowest-ranked first; those that still fit are kept ("drop"), or the
+    # best dropped one is cut to fill the room ("truncate"). Never the question or the answer.
+    truncation: Literal["drop", "truncate"] = "drop"
+    # An example that had documents but has none left after truncation: "skip" it (counted), or "keep" it
+    # (counted, with a warning: it teaches answering without evidence).
+    no_documents: Literal["skip", "keep"] = "skip"
+    buckets: tuple[PositiveInt, ...] = (256, 512, 768, 1024)
+    max_train_examples: PositiveInt | None = None
     pack: bool = False
 
 
@@ -65,37 +116,39 @@ class DataSection:
 class TrainSection:
     """The training loop. ``methods`` are run in order on the same data and seed."""
 
-    methods: tuple[str, ...] = ("lora", "selfaug")
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    accum_normalization: str = "mean"  # mean (released code) | token
+    methods: tuple[Method, ...] = ("lora", "selfaug")
+    epochs: PositiveFloat = 1.0
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 8  # global rows per optimizer step (all hosts, all micro-batches)
+    grad_accum_steps: PositiveInt = 1
+    accum_normalization: Literal["mean", "token"] = "mean"  # mean (released code) | token
     seed: int = 0
-    log_every: int = 1
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    eval_every_steps: int | None = None
+    # Metrics are read back to the host every log_every steps, one step late (the next step is already
+    # dispatched), so the host never waits on the step it just launched; a non-finite loss stops the run.
+    log_every: PositiveInt = 1
+    checkpoint_every: PositiveInt = 100
+    keep_checkpoints: PositiveInt = 2
+    eval_every_steps: PositiveInt | None = None
     eval_every_epoch: bool = False
     export: bool = True  # export merged HF model + PEFT adapter at the end
 
 
 @dataclasses.dataclass
 class LoRASection:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ALL_LINEAR_TARGETS
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: Fraction = 0.05
+    target_modules: tuple[LoRATarget, ...] = ALL_LINEAR_TARGETS
 
 
 @dataclasses.dataclass
 class MeshSection:
     """Device mesh (``jax.make_mesh``); sizes multiply to the device count. ``cpu_devices`` fakes host devices."""
 
-    data: int = 1
-    fsdp: int = 1
-    tensor: int = 1
-    cpu_devices: int | None = None
+    data: PositiveInt = 1
+    fsdp: PositiveInt = 1
+    tensor: PositiveInt = 1
+    cpu_devices: PositiveInt | None = None
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
 
 
@@ -122,34 +175,30 @@ class ExperimentConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
     def validate(self, check_paths: bool = True) -> "ExperimentConfig":
-        """Semantic checks (types are checked while building); ``check_paths`` also checks that files exist."""
-        for m in self.train.methods:
-            if m not in METHODS:
-                raise ConfigError(f"train.methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        """The checks that involve several fields or the filesystem (each field's own type, choices and range
+        were checked while building); ``check_paths`` also checks that files exist."""
         if not self.train.methods:
-            raise ConfigError("train.methods is empty")
-        for key, value in (("model.dtype", self.model.dtype), ("model.param_dtype", self.model.param_dtype)):
-            if value not in ("float32", "bfloat16"):
-                raise ConfigError(f"{key}: {value!r} is not one of float32, bfloat16")
-        if self.model.remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat: {self.model.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
-        if self.model.attention_chunk is not None and self.model.attention_chunk < 1:
-            raise ConfigError(f"model.attention_chunk: {self.model.attention_chunk!r} must be a positive int or null")
-        if self.data.format not in ("auto", "jsonl", "crag", "rag-instruct"):
-            raise ConfigError(f"data.format: {self.data.format!r} is not one of auto, jsonl, crag, rag-instruct")
-        if check_paths and self.data.train != "default" and not Path(self.data.train).exists():
-            raise ConfigError(f"data.train: file {self.data.train!r} does not exist")
-        if self.data.truncation not in ("drop", "truncate"):
-            raise ConfigError(f"data.truncation: {self.data.truncation!r} is not one of drop, truncate")
+            raise ConfigError("train.methods is empty; choose from " + ", ".join(METHODS))
         if max(self.data.buckets) < self.data.max_length:
-            raise ConfigError(f"data.buckets {self.data.buckets} must reach data.max_length={self.data.max_length}")
+            raise ConfigError(f"data.buckets {list(self.data.buckets)} must reach data.max_length="
+                              f"{self.data.max_length}; add a bucket >= {self.data.max_length}")
         if self.train.batch_size % self.train.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size={self.train.batch_size} is not divisible by "
                 f"train.grad_accum_steps={self.train.grad_accum_steps}"
             )
-        if self.train.accum_normalization not in ("mean", "token"):
-            raise ConfigError(f"train.accum_normalization: {self.train.accum_normalization!r} is not mean or token")
+        mesh = self.mesh
+        n_mesh = mesh.data * mesh.fsdp * mesh.tensor
+        if mesh.cpu_devices is not None and not mesh.distributed and n_mesh != mesh.cpu_devices:
+            raise ConfigError(f"mesh data={mesh.data} x fsdp={mesh.fsdp} x tensor={mesh.tensor} = {n_mesh} devices "
+                              f"but mesh.cpu_devices={mesh.cpu_devices}; the sizes must multiply to the device count")
+        rows = mesh.data * mesh.fsdp
+        if self.train.batch_size % rows:
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by the batch-sharding mesh "
+                              f"axes data x fsdp = {mesh.data} x {mesh.fsdp} = {rows}; use a batch size that is a "
+                              f"multiple of {rows}")
+        if check_paths and self.data.train != "default" and not Path(self.data.train).exists():
+            raise ConfigError(f"data.train: file {self.data.train!r} does not exist")
         name = self.model.name
         if check_paths and name not in DEFAULT_MODEL_ALIASES and not Path(name).exists():
             raise ConfigError(f"model.name: {name!r} is neither the default model name nor an existing path")
@@ -164,6 +213,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check/convert a YAML or command-line value to a field's annotated type."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Annotated:
+        value = _coerce(value, args[0], key)
+        for constraint in annotation.__metadata__:
+            if isinstance(constraint, Range):
+                constraint.check(value, key)
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -177,7 +232,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        optional = " (or null)" if type(None) in args else ""
+        raise ConfigError((errors[0] + optional) if errors else f"{key}: bad value {value!r}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
@@ -221,7 +277,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:

@@ -2,6 +2,10 @@
 
 ``run_experiment(cfg)`` is what ``python experiments/run.py`` calls. Every method starts from the same base model,
 the same tokenized data and the same seed, so the comparison table differs only by the method.
+
+Order of work, cheapest checks first: :func:`~selfaug_jax.experiment.preflight.preflight` (model ``config.json``,
+mesh, ``--resume``), the tokenizer's chat template, reading the data file (schema errors name file:line), then
+tokenization, and only then the model weights.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 
 from selfaug_jax.checkpoints.default_model import cache_dir
 from selfaug_jax.data import (
+    DataFormatError,
     PromptConfig,
     RagExample,
     load_tfds_source,
@@ -29,8 +34,9 @@ from selfaug_jax.data.default_task import load_default_task
 from selfaug_jax.eval.report import write_report
 from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_eval_data, reference_responses
 from selfaug_jax.experiment.config import ExperimentConfig
+from selfaug_jax.experiment.preflight import check_tokenizer, preflight
 from selfaug_jax.experiment.trainer import is_main_process, train_method
-from selfaug_jax.models import load_pretrained, resolve_model_dir
+from selfaug_jax.models import load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ def load_train_examples(cfg: ExperimentConfig) -> list[RagExample]:
     if cfg.data.max_train_examples is not None:
         examples = examples[: cfg.data.max_train_examples]
     if not examples:
-        raise ValueError(f"no training examples in {cfg.data.train}")
+        raise DataFormatError(f"data.train: {cfg.data.train} holds no training examples (empty file?)")
     return examples
 
 
@@ -100,17 +106,18 @@ def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path):
 def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the configured methods and write ``summary.json``, ``report.md`` and plots to ``cfg.output.dir``."""
     t0 = time.perf_counter()
+    model_dir = preflight(cfg, resume=resume).model_dir
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    check_tokenizer(tokenizer, cfg, model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    source, data_stats = tokenized_train_source(cfg, tokenizer, model_dir)
+
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-    model_dir = resolve_model_dir(cfg.model.name)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    source, data_stats = tokenized_train_source(cfg, tokenizer, model_dir)
 
     plan = None
     n_devices = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor

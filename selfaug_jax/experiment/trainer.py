@@ -4,6 +4,19 @@ Per method it: builds the train state, iterates batches from a resumable sampler
 (``metrics.jsonl``, TensorBoard, a progress bar), saves Orbax checkpoints every N steps and at the end, resumes
 exactly from the latest checkpoint, stops cleanly on a non-finite loss, runs periodic evaluations, and exports
 the merged Hugging Face model and the PEFT adapter.
+
+No host sync per step: step ``n``'s metrics stay on the device while step ``n + 1`` is dispatched and batch
+``n + 2`` is prepared; the metrics of all steps up to ``n`` are read back together (one small transfer) after step
+``n + 1`` was dispatched, where ``n`` is a multiple of ``train.log_every``. Every step's loss is checked. Before
+a checkpoint, an evaluation or the end, the pending metrics are read and checked first, so a checkpoint never
+holds a state whose loss was NaN/inf: a divergence stops the run naming the step, with the last good checkpoint
+kept.
+
+Test hook: with ``SELFAUG_JAX_TEST_NONFINITE_AT_STEP=N`` in the environment the trainable parameters are multiplied
+by NaN before step ``N`` is dispatched, so the real step produces a non-finite loss (``tests/test_faults.py``).
+
+Exports are written into a temporary sibling folder and renamed into place when complete, so a failed export (a
+full disk, a kill) never leaves a half-written ``export/`` that looks complete.
 """
 
 from __future__ import annotations
@@ -12,6 +25,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +51,9 @@ from selfaug_jax.train.step import StepConfig, make_train_step
 logger = logging.getLogger(__name__)
 
 LOGGED_KEYS = ("loss", "ce", "kl", "learning_rate", "grad_norm", "n_tokens", "n_target_tokens", "n_aligned_tokens")
+
+
+NONFINITE_TEST_HOOK_ENV = "SELFAUG_JAX_TEST_NONFINITE_AT_STEP"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -148,12 +166,28 @@ class MetricsLogger:
             self.writer.close()
 
 
-def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
-    out = {}
-    for k in LOGGED_KEYS:
-        v = np.asarray(jax.device_get(metrics[k]))
-        out["lr" if k == "learning_rate" else k] = int(v) if v.dtype.kind in "iu" else float(v)
+def _host_metrics(metrics_list: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
+    """The logged metrics of several steps as Python numbers (one ``device_get`` of the small scalars)."""
+    fetched = jax.device_get([{k: m[k] for k in LOGGED_KEYS} for m in metrics_list])
+    out = []
+    for one in fetched:
+        row = {}
+        for k in LOGGED_KEYS:
+            v = np.asarray(one[k])
+            row["lr" if k == "learning_rate" else k] = int(v) if v.dtype.kind in "iu" else float(v)
+        out.append(row)
     return out
+
+
+def _nonfinite_test_step() -> int | None:
+    """The step before which the test hook poisons the parameters (``None``: hook off)."""
+    value = os.environ.get(NONFINITE_TEST_HOOK_ENV)
+    return int(value) if value else None
+
+
+def _poisoned(state: TrainState) -> TrainState:
+    """``state`` with every trainable parameter multiplied by NaN (the test hook)."""
+    return state.replace(trainable=jax.tree.map(lambda x: x * jnp.nan, state.trainable))
 
 
 def train_method(
@@ -230,40 +264,58 @@ def train_method(
     start = int(state.step)
     bar = tqdm(total=total_steps, initial=start, desc=method, disable=not (progress and is_main_process()),
                dynamic_ncols=True)
-    tokens_since, t_since = 0, time.perf_counter()
-    try:
-        for step in range(start + 1, total_steps + 1):
-            batch = next(iterator).arrays()
-            if plan is not None:  # every host builds the same global batch; each places only its own rows
-                batch = plan.put_batch(batch, is_global=True)
-            else:
-                batch = {k: jnp.asarray(v) for k, v in batch.items()}
-            state, metrics = step_fn(state, batch)
-            host = _host_metrics(metrics)  # one small host transfer per step (the loop is not the hot path)
+    poison_step = _nonfinite_test_step()
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # dispatched steps whose metrics are still on device
+    window = {"tokens": 0, "t": time.perf_counter()}
+
+    def drain() -> None:
+        """Read back every pending step's metrics in one transfer, stop on a non-finite loss, log the due ones."""
+        if not pending:
+            return
+        for (step, _), host in zip(pending, _host_metrics([m for _, m in pending])):
             if not all(math.isfinite(host[k]) for k in ("loss", "ce", "kl")):
                 raise TrainingDivergedError(
                     f"{method}: non-finite loss at step {step} (loss={host['loss']}, ce={host['ce']}, "
                     f"kl={host['kl']}); stopping. The last good checkpoint is kept in {checkpointer.directory} "
                     f"(step {checkpointer.latest_step()})."
                 )
-            tokens_since += host["n_tokens"]
-            now = time.perf_counter()
+            window["tokens"] += host["n_tokens"]
             if step % tcfg.log_every == 0 or step == total_steps:
-                tokens_per_s = tokens_since / max(now - t_since, 1e-9)
+                now = time.perf_counter()
+                tokens_per_s = window["tokens"] / max(now - window["t"], 1e-9)
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **host,
                           "tokens_per_s": round(tokens_per_s, 2)}
                 metrics_log.log(record)
                 bar.set_postfix(loss=f"{host['loss']:.4f}", ce=f"{host['ce']:.4f}", kl=f"{host['kl']:.2e}",
                                 tok_s=f"{tokens_per_s:.0f}")
-                tokens_since, t_since = 0, now
+                window["tokens"], window["t"] = 0, now
+        pending.clear()
+
+    try:
+        for step in range(start + 1, total_steps + 1):
+            batch = next(iterator).arrays()  # prepared while the previous step runs
+            if plan is not None:  # every host builds the same global batch; each places only its own rows
+                batch = plan.put_batch(batch, is_global=True)
+            else:
+                batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            if step == poison_step:
+                state = _poisoned(state)
+            state, metrics = step_fn(state, batch)  # dispatched; runs while the host goes on
+            if pending and pending[-1][0] % tcfg.log_every == 0:
+                drain()  # up to the previous step (finished by now, or nearly): never the one just dispatched
+            pending.append((step, metrics))
             bar.update(1)
-            if step % tcfg.checkpoint_every == 0 or step == total_steps:
-                save(step)
+            checkpoint_due = step % tcfg.checkpoint_every == 0 or step == total_steps
             eval_due = (tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0) or (
                 tcfg.eval_every_epoch and step % steps_per_epoch == 0
             )
+            if checkpoint_due or eval_due or step == total_steps:
+                drain()  # never checkpoint or evaluate a state whose loss was not checked
+            if checkpoint_due:
+                save(step)
             if eval_due and step != total_steps:
                 run_eval(step)
+        drain()
     finally:
         bar.close()
         metrics_log.close()
@@ -287,10 +339,33 @@ def train_method(
 
 
 def export_run(run: MethodRun, cfg: ExperimentConfig, base_model_ref: str) -> None:
-    """Write ``export/hf`` (merged model, loadable by transformers) and, for LoRA methods, ``export/adapter``."""
+    """Write ``export/hf`` (merged model, loadable by transformers) and, for LoRA methods, ``export/adapter``.
+
+    Everything is written into ``export.tmp-<pid>`` first and renamed to ``export`` when complete (a previous
+    ``export`` is moved aside and removed only after the rename), so an export that fails half-way leaves no
+    folder named ``export`` with partial files: the temporary folder is removed and the error propagates.
+    """
     export = run.out_dir / "export"
-    if uses_lora(run.method):
-        save_peft_adapter(run.model(), lora_config_of(cfg), export / "adapter", base_model_name_or_path=base_model_ref)
-    model = run.eval_model()
-    tokenizer_dir = base_model_ref if base_model_ref and Path(base_model_ref).is_dir() else None
-    save_hf_model(model, export / "hf", tokenizer_dir=tokenizer_dir)
+    tmp = run.out_dir / f"export.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if uses_lora(run.method):
+            save_peft_adapter(run.model(), lora_config_of(cfg), tmp / "adapter",
+                              base_model_name_or_path=base_model_ref)
+        model = run.eval_model()
+        tokenizer_dir = base_model_ref if base_model_ref and Path(base_model_ref).is_dir() else None
+        save_hf_model(model, tmp / "hf", tokenizer_dir=tokenizer_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, export)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete folder ``src`` to ``dst`` (same filesystem), replacing an old ``dst`` without a moment
+    where ``dst`` holds a mix: the old one is renamed aside first and deleted after."""
+    old = dst.with_name(dst.name + f".old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
