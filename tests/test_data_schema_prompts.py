@@ -248,6 +248,40 @@ def test_drop_lowest_ranked_documents_counts_and_survival(caplog):
     assert "Document number 4" not in prompt and "[4]" not in prompt
 
 
+def test_short_gold_document_survives_a_long_distractor_ranked_above_it(caplog):
+    """The issue-15 fixture: document 1 is ~5,000 words, document 2 (gold) one sentence, max_length 384."""
+    tok = default_tokenizer()
+    distractor = Document(" ".join(f"Filler sentence {i} about the history of the harbour." for i in range(600)))
+    gold = Document("The lighthouse of Tavelport was built in 1871.")
+    ex = RagExample(id="gold", question="When was the lighthouse of Tavelport built?",
+                    documents=(distractor, gold), answer="In 1871.")
+    nothing_fits = RagExample(id="none", question="When was the harbour dredged?", documents=(distractor,),
+                              answer="Never.")
+    caplog.set_level(logging.INFO, logger="selfaug_jax.data.prompts")
+    out, stats = tokenize_examples([ex, nothing_fits], tok, PromptConfig(max_length=384, truncation="drop"))
+    assert [e.id for e in out] == ["gold"]
+    prompt, target = _split(tok, out[0])
+    assert len(out[0]) <= 384 and target == "In 1871." + IM_END
+    assert "[1] The lighthouse of Tavelport was built in 1871.\n\n### Instruction:" in prompt
+    assert "Filler sentence" not in prompt and out[0].meta["n_documents_kept"] == 1
+    # the example whose only document cannot fit is skipped by default, and counted
+    assert (stats.n_skipped, stats.n_skipped_no_documents, stats.n_skipped_too_long) == (1, 1, 0)
+    assert stats.no_document_ids == ["none"] and stats.n_kept_no_documents == 0
+    assert (stats.n_truncated, stats.n_documents_dropped) == (1, 1)
+    # truncate: the gold document stays whole and the distractor is cut into the remaining room
+    out, stats = tokenize_examples([ex, nothing_fits], tok, PromptConfig(max_length=384, truncation="truncate"))
+    assert [e.id for e in out] == ["gold", "none"] and stats.n_skipped == 0
+    prompt, _ = _split(tok, out[0])
+    assert len(out[0]) <= 384 and "The lighthouse of Tavelport was built in 1871." in prompt
+    assert "[1] Filler sentence 0 about" in prompt and "Filler sentence 599" not in prompt
+    assert out[0].meta["n_documents_kept"] == 2 and out[0].meta["document_cut"] is True
+    assert "skipped 1 example(s) with no document left" in caplog.text
+    out, stats = tokenize_examples([nothing_fits], tok, PromptConfig(max_length=384, no_documents="keep"))
+    assert [e.id for e in out] == ["none"] and out[0].meta["n_documents_kept"] == 0
+    assert (stats.n_skipped, stats.n_kept_no_documents, stats.no_document_ids) == (0, 1, ["none"])
+    assert "kept 1 example(s) with none of their documents" in caplog.text
+
+
 def test_truncate_mode_cuts_the_lowest_ranked_kept_document():
     tok = default_tokenizer()
     ex = _ranked_example("cut")
@@ -273,7 +307,8 @@ def test_question_and_answer_survive_every_budget():
     for mode in ("drop", "truncate"):
         for max_length in range(lengths[0] - 1, lengths[-1] + 2, 7):
             out, stats = tokenize_examples([ex], tok, PromptConfig(max_length=max_length, truncation=mode,
-                                                                   min_truncated_document_tokens=1), log=False)
+                                                                   min_truncated_document_tokens=1,
+                                                                   no_documents="keep"), log=False)
             if max_length < lengths[0]:
                 assert out == [] and stats.n_skipped == 1
                 continue

@@ -24,10 +24,13 @@ def _run(args, **kw):
 @pytest.mark.parametrize("override,message", [
     ("train.bogus=1", "unknown key(s) train.bogus"),
     ("optimizer.learning_rate=fast", "optimizer.learning_rate: expected a number"),
-    ("train.methods=[lora,magic]", "unknown method 'magic'"),
+    ("train.methods=[lora,magic]", "train.methods: 'magic' is not one of lora, selfaug, sft, sft-selfaug"),
     ("data.train=/no/such/file.jsonl", "data.train: file '/no/such/file.jsonl' does not exist"),
     ("model.name=/no/such/model", "model.name: '/no/such/model' is neither"),
-    ("model.attention_chunk=0", "model.attention_chunk: 0 must be a positive int or null"),
+    ("model.attention_chunk=0", "model.attention_chunk: 0 must be >= 1 (or null)"),
+    ("lora.dropout=1.5", "lora.dropout: 1.5 must be >= 0 and < 1"),
+    ("data.no_documents=maybe", "data.no_documents: 'maybe' is not one of skip, keep"),
+    ("mesh.fsdp=4", "train.batch_size=2 is not divisible by the batch-sharding mesh axes data x fsdp = 1 x 4 = 4"),
 ])
 def test_config_errors_are_clear_and_early(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

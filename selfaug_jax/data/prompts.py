@@ -35,12 +35,16 @@ token, exactly like a generation that stops there, and no non-prompt position le
 
 Length policy
 -------------
-With ``max_length`` set, documents are removed lowest-ranked first (``truncation="drop"``), or the
-lowest-ranked *kept* document is cut token-wise to fill the remaining room
-(``truncation="truncate"``).  The question, the system prompt, earlier turns and the answer are never
-cut.  An example that does not fit even with no documents is skipped.  Counts are returned in
-:class:`PromptStats` and logged.  In multi-turn examples documents are removed by rank (highest
-rank number first), ties broken by turn (earlier turns lose their documents first).
+With ``max_length`` set, documents are considered best-ranked first and each one is kept if it still fits
+next to those already kept (``truncation="drop"``): a document that does not fit is dropped, but a
+lower-ranked one that does fit is kept, so a short gold document survives a long distractor ranked above
+it.  With ``truncation="truncate"`` the best-ranked dropped document is then cut token-wise to fill the
+remaining room.  The question, the system prompt, earlier turns and the answer are never cut.  An
+example that does not fit even with no documents is skipped.  An example that had documents but keeps
+none is skipped too (``no_documents="skip"``, the default: it would teach answering without evidence) or
+kept with a warning (``no_documents="keep"``).  Counts are returned in :class:`PromptStats` and logged.
+In multi-turn examples documents are ranked by rank (rank 1 first), ties broken by turn (later turns
+first).
 """
 
 from __future__ import annotations
@@ -171,8 +175,11 @@ class PromptConfig:
       end_of_turn_token: the token that ends the answer; ``None`` = first special token after it.
       after_end_of_turn: ``"drop"`` (default) or ``"mask"`` the tokens rendered after end-of-turn.
       max_length: token budget per example (``None`` = unlimited).
-      truncation: ``"drop"`` whole documents, or ``"truncate"`` the lowest-ranked kept one.
+      truncation: ``"drop"`` whole documents (keeping every one that still fits, best-ranked first), or
+        also ``"truncate"`` the best-ranked dropped one into the remaining room.
       min_truncated_document_tokens: a document cut to fewer tokens than this is dropped instead.
+      no_documents: an example that had documents but keeps none after the length policy is ``"skip"``-ped
+        (counted) or ``"keep"``-ed (counted, with a warning).
     """
 
     documents_template: DocumentsTemplate = DocumentsTemplate()
@@ -184,6 +191,7 @@ class PromptConfig:
     max_length: int | None = None
     truncation: Literal["drop", "truncate"] = "drop"
     min_truncated_document_tokens: int = 8
+    no_documents: Literal["skip", "keep"] = "skip"
 
     def __post_init__(self) -> None:
         if self.chat_template is not None and self.plain_template is not None:
@@ -192,6 +200,8 @@ class PromptConfig:
             raise ValueError(f"after_end_of_turn must be 'drop' or 'mask', got {self.after_end_of_turn!r}")
         if self.truncation not in ("drop", "truncate"):
             raise ValueError(f"truncation must be 'drop' or 'truncate', got {self.truncation!r}")
+        if self.no_documents not in ("skip", "keep"):
+            raise ValueError(f"no_documents must be 'skip' or 'keep', got {self.no_documents!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
 
@@ -215,7 +225,10 @@ class PromptStats:
     n_examples: int = 0
     n_kept: int = 0
     n_truncated: int = 0
-    n_skipped: int = 0
+    n_skipped: int = 0  # all skipped examples: too long + no documents left
+    n_skipped_too_long: int = 0  # question + answer alone exceed max_length
+    n_skipped_no_documents: int = 0  # had documents, none fits (no_documents="skip")
+    n_kept_no_documents: int = 0  # had documents, none fits, kept anyway (no_documents="keep")
     n_documents: int = 0
     n_documents_dropped: int = 0
     n_documents_cut: int = 0
@@ -224,6 +237,7 @@ class PromptStats:
     max_tokens: int = 0
     skipped_ids: list[str] = dataclasses.field(default_factory=list)
     truncated_ids: list[str] = dataclasses.field(default_factory=list)
+    no_document_ids: list[str] = dataclasses.field(default_factory=list)  # skipped or kept without documents
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,7 +245,9 @@ class PromptStats:
     def summary(self) -> str:
         return (f"{self.n_examples} examples: kept {self.n_kept}, truncated {self.n_truncated} "
                 f"(documents dropped {self.n_documents_dropped}, cut {self.n_documents_cut} of "
-                f"{self.n_documents}), skipped {self.n_skipped} (question+answer alone too long); "
+                f"{self.n_documents}), skipped {self.n_skipped} ({self.n_skipped_too_long} question+answer alone "
+                f"too long, {self.n_skipped_no_documents} with no document left), kept without any document "
+                f"{self.n_kept_no_documents}; "
                 f"{self.n_tokens} tokens, {self.n_target_tokens} target tokens, longest {self.max_tokens}")
 
 
@@ -242,7 +258,7 @@ DocKey = tuple[int, int]  # (turn index, rank index)
 
 
 def _doc_removal_order(messages: Sequence[Message]) -> list[DocKey]:
-    """All documents in *keep* order: best first. Removal takes from the end of this list."""
+    """All documents in *keep* order: best first (rank, then later turns first)."""
     keys = [(t, r) for t, m in enumerate(messages) for r in range(len(m.documents))]
     return sorted(keys, key=lambda k: (k[1], -k[0]))
 
@@ -356,26 +372,27 @@ class _Outcome:
     n_documents: int
     n_dropped: int
     n_cut: int
+    skip_reason: Literal["too_long", "no_documents"] | None = None
 
 
-def _fit_cut_document(enc: _Encoder, messages: Sequence[Message], order: list[DocKey], k: int,
+def _fit_cut_document(enc: _Encoder, messages: Sequence[Message], kept: frozenset[DocKey], key: DocKey,
                       chat_for: Any, total: Any, n_response: int, max_len: int
                       ) -> tuple[list[dict[str, str]], list[int]] | None:
-    """Longest token-prefix of document ``order[k]`` that fits next to the first ``k`` documents.
+    """Longest token-prefix of document ``key`` that fits next to the ``kept`` documents.
 
     Token counts are nearly additive, so the first guess is the free room minus the per-document
     template overhead; it is corrected with a few probes.  Returns (chat, prompt_ids) or ``None``
     if fewer than ``min_truncated_document_tokens`` tokens fit.
     """
-    key = order[k]
     doc_ids = enc.ids(messages[key[0]].documents[key[1]].text)
-    overhead = total(k + 1) - total(k) - len(doc_ids)
-    m = min(len(doc_ids) - 1, max_len - total(k) - overhead)
+    with_key = kept | {key}
+    overhead = total(with_key) - total(kept) - len(doc_ids)
+    m = min(len(doc_ids) - 1, max_len - total(kept) - overhead)
     lo_fail = len(doc_ids)  # smallest m known not to fit
     best: tuple[int, list[dict[str, str]], list[int]] | None = None
     while m >= enc.config.min_truncated_document_tokens:
         text = enc.tok.decode(doc_ids[:m], skip_special_tokens=False)
-        chat = chat_for(k + 1, {key: text})
+        chat = chat_for(with_key, {key: text})
         prompt = enc.prompt_ids(chat)
         length = len(prompt) + n_response
         if length <= max_len:
@@ -391,6 +408,27 @@ def _fit_cut_document(enc: _Encoder, messages: Sequence[Message], order: list[Do
     return None if best is None else (best[1], best[2])
 
 
+def _select_documents(order: list[DocKey], total: Any, max_len: int) -> frozenset[DocKey]:
+    """Documents kept by the "drop" policy: best-ranked first, each one if it still fits next to those kept.
+
+    ``total(keep)`` is the example's length with the documents ``keep``. The longest fitting prefix of
+    ``order`` is found by bisection (lengths grow with every added document); each later document is then
+    tried once (the one right after the prefix is known not to fit).
+    """
+    lo, hi = 0, len(order)  # invariant: the first lo documents fit, the first hi + 1 do not (or hi = n)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total(frozenset(order[:mid])) <= max_len:
+            lo = mid
+        else:
+            hi = mid - 1
+    keep = frozenset(order[:lo])
+    for key in order[lo + 1:]:
+        if total(keep | {key}) <= max_len:
+            keep = keep | {key}
+    return keep
+
+
 def _tokenize_one(example: RagExample, enc: _Encoder, ex_id: str) -> _Outcome:
     """Render, validate and mask one example, applying the length policy.
 
@@ -403,37 +441,34 @@ def _tokenize_one(example: RagExample, enc: _Encoder, ex_id: str) -> _Outcome:
     order = _doc_removal_order(messages)
     n_docs = len(order)
 
-    def chat_for(k: int, cut: Mapping[DocKey, str] | None = None) -> list[dict[str, str]]:
-        return build_chat(messages, cfg.documents_template, set(order[:k]), cut)
+    def chat_for(keep: frozenset[DocKey], cut: Mapping[DocKey, str] | None = None) -> list[dict[str, str]]:
+        return build_chat(messages, cfg.documents_template, set(keep), cut)
 
-    chat = chat_for(n_docs)
-    best = enc.encode(chat, answer, ex_id)
-    k, cut_key = n_docs, None
+    keep = frozenset(order)
+    best = enc.encode(chat_for(keep), answer, ex_id)
+    cut_key = None
     max_len = cfg.max_length
     if max_len is not None and len(best[0]) > max_len:
         n_response = len(best[0]) - best[1]
-        cache: dict[int, list[int]] = {}
+        cache: dict[frozenset[DocKey], list[int]] = {}
 
-        def total(k_: int) -> int:
-            if k_ not in cache:
-                cache[k_] = enc.prompt_ids(chat_for(k_))
-            return len(cache[k_]) + n_response
+        def total(keep_: frozenset[DocKey]) -> int:
+            if keep_ not in cache:
+                cache[keep_] = enc.prompt_ids(chat_for(keep_))
+            return len(cache[keep_]) + n_response
 
-        if total(0) > max_len:
-            return _Outcome(None, n_docs, 0, 0)
-        lo, hi = 0, n_docs - 1  # invariant: lo documents fit, hi + 1 do not
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if total(mid) <= max_len:
-                lo = mid
-            else:
-                hi = mid - 1
-        k = lo
-        chosen_chat, chosen_prompt = chat_for(k), cache[k]
+        if total(frozenset()) > max_len:
+            return _Outcome(None, n_docs, 0, 0, "too_long")
+        keep = _select_documents(order, total, max_len)
+        chosen_chat, chosen_prompt = chat_for(keep), cache[keep]
         if cfg.truncation == "truncate":
-            found = _fit_cut_document(enc, messages, order, k, chat_for, total, n_response, max_len)
+            dropped = [k for k in order if k not in keep]
+            found = (_fit_cut_document(enc, messages, keep, dropped[0], chat_for, total, n_response, max_len)
+                     if dropped else None)
             if found is not None:
-                cut_key, chosen_chat, chosen_prompt = order[k], found[0], found[1]
+                cut_key, chosen_chat, chosen_prompt = dropped[0], found[0], found[1]
+        if n_docs and not keep and cut_key is None and cfg.no_documents == "skip":
+            return _Outcome(None, n_docs, n_docs, 0, "no_documents")
         best = enc.encode(chosen_chat, answer, ex_id, prompt_ids=chosen_prompt)
         if len(best[0]) > max_len:  # only if the response tokenized differently after the cut
             raise PromptError(f"example {ex_id!r}: length policy produced {len(best[0])} > max_length "
@@ -441,7 +476,7 @@ def _tokenize_one(example: RagExample, enc: _Encoder, ex_id: str) -> _Outcome:
     ids, n_prompt, n_targets = best
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
     labels[n_prompt:n_prompt + n_targets] = ids[n_prompt:n_prompt + n_targets]
-    n_kept_docs = k + (1 if cut_key is not None else 0)
+    n_kept_docs = len(keep) + (1 if cut_key is not None else 0)
     meta = dict(example.meta)
     meta.update(n_documents=n_docs, n_documents_kept=n_kept_docs, document_cut=cut_key is not None,
                 prompt_length=n_prompt)
@@ -451,7 +486,8 @@ def _tokenize_one(example: RagExample, enc: _Encoder, ex_id: str) -> _Outcome:
 
 def tokenize_example(example: RagExample, tokenizer: Any, config: PromptConfig | None = None, *,
                      default_id: str = "?") -> TokenizedExample | None:
-    """Tokenize one example; ``None`` if it must be skipped (question + answer alone too long)."""
+    """Tokenize one example; ``None`` if it must be skipped (question + answer alone too long, or no document
+    left with ``no_documents="skip"``)."""
     enc = _Encoder(tokenizer, config or PromptConfig())
     return _tokenize_one(example, enc, example.id if example.id is not None else default_id).example
 
@@ -475,8 +511,16 @@ def tokenize_examples(examples: Iterable[RagExample], tokenizer: Any, config: Pr
         if r.example is None:
             stats.n_skipped += 1
             stats.skipped_ids.append(ex_id)
+            if r.skip_reason == "no_documents":
+                stats.n_skipped_no_documents += 1
+                stats.no_document_ids.append(ex_id)
+            else:
+                stats.n_skipped_too_long += 1
             continue
         stats.n_kept += 1
+        if r.n_documents and r.example.meta["n_documents_kept"] == 0:
+            stats.n_kept_no_documents += 1
+            stats.no_document_ids.append(ex_id)
         if r.n_dropped or r.n_cut:
             stats.n_truncated += 1
             stats.truncated_ids.append(ex_id)
@@ -489,10 +533,19 @@ def tokenize_examples(examples: Iterable[RagExample], tokenizer: Any, config: Pr
     if log:
         logger.info("tokenized %s (max_length=%s, truncation=%s)", stats.summary(), config.max_length,
                     config.truncation)
-        if stats.n_skipped:
+        too_long = [i for i in stats.skipped_ids if i not in set(stats.no_document_ids)]
+        if stats.n_skipped_too_long:
             logger.warning("skipped %d example(s) whose question+answer exceed max_length=%s: %s%s",
-                           stats.n_skipped, config.max_length, stats.skipped_ids[:10],
-                           " ..." if stats.n_skipped > 10 else "")
+                           stats.n_skipped_too_long, config.max_length, too_long[:10],
+                           " ..." if stats.n_skipped_too_long > 10 else "")
+        if stats.n_skipped_no_documents:
+            logger.warning("skipped %d example(s) with no document left within max_length=%s "
+                           "(data.no_documents=skip): %s%s", stats.n_skipped_no_documents, config.max_length,
+                           stats.no_document_ids[:10], " ..." if stats.n_skipped_no_documents > 10 else "")
+        if stats.n_kept_no_documents:
+            logger.warning("kept %d example(s) with none of their documents (data.no_documents=keep): they "
+                           "train answering without evidence: %s%s", stats.n_kept_no_documents,
+                           stats.no_document_ids[:10], " ..." if stats.n_kept_no_documents > 10 else "")
         if stats.n_truncated:
             logger.info("truncated documents of %d example(s): %s%s", stats.n_truncated,
                         stats.truncated_ids[:10], " ..." if stats.n_truncated > 10 else "")

@@ -82,10 +82,11 @@ def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path):
             "first_last": [examples[0].id, examples[-1].id],
             "max_length": cfg.data.max_length,
             "truncation": cfg.data.truncation,
+            "no_documents": cfg.data.no_documents,
             "tokenizer": hashlib.sha256((model_dir / "tokenizer.json").read_bytes()).hexdigest()
             if (model_dir / "tokenizer.json").exists()
             else str(model_dir),
-            "version": 1,
+            "version": 2,  # 2: documents that still fit are kept; zero-document examples skipped
         },
         sort_keys=True,
     )
@@ -93,7 +94,8 @@ def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path):
     data_dir = cache_dir() / "datasets" / digest
     stats_path = data_dir / "prompt_stats.json"
     if not stats_path.exists() and is_main_process():
-        prompt_config = PromptConfig(max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+        prompt_config = PromptConfig(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                                     no_documents=cfg.data.no_documents)
         tokenized, stats = tokenize_examples(examples, tokenizer, prompt_config)
         dataset_dir = write_tfds_dataset({"train": tokenized}, data_dir, if_exists="overwrite")
         record = {"dataset_dir": str(dataset_dir), "prompt_stats": stats.as_dict()}
