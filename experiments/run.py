@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.no_progress:  # also the data writer's (tfds) bars, which would otherwise land on stderr
+        os.environ["TQDM_DISABLE"] = "1"
     if args.cpu_devices:  # must happen before JAX initialises its backends
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import jax
@@ -131,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args.preset, overrides_from_args(args))
     if cfg.mesh.distributed:
-        jax.distributed.initialize()
+        if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU collectives
+        kwargs = {k: v for k, v in (("coordinator_address", cfg.mesh.coordinator_address),
+                                    ("num_processes", cfg.mesh.num_processes),
+                                    ("process_id", cfg.mesh.process_id)) if v is not None}
+        jax.distributed.initialize(**kwargs)
 
     from selfaug_jax.experiment.runner import run_experiment
 

@@ -148,8 +148,13 @@ class MeshSection:
     data: PositiveInt = 1
     fsdp: PositiveInt = 1
     tensor: PositiveInt = 1
-    cpu_devices: PositiveInt | None = None
+    cpu_devices: PositiveInt | None = None  # with distributed: devices per process
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    # jax.distributed.initialize arguments; null: detected from the cluster (TPU pod, SLURM, ...) or, for the
+    # coordinator, $JAX_COORDINATOR_ADDRESS. Give all three to launch processes by hand (tests, bare hosts).
+    coordinator_address: str | None = None
+    num_processes: PositiveInt | None = None
+    process_id: NonNegativeInt | None = None
 
 
 @dataclasses.dataclass
@@ -192,6 +197,8 @@ class ExperimentConfig:
         if mesh.cpu_devices is not None and not mesh.distributed and n_mesh != mesh.cpu_devices:
             raise ConfigError(f"mesh data={mesh.data} x fsdp={mesh.fsdp} x tensor={mesh.tensor} = {n_mesh} devices "
                               f"but mesh.cpu_devices={mesh.cpu_devices}; the sizes must multiply to the device count")
+        if mesh.process_id is not None and mesh.num_processes is not None and mesh.process_id >= mesh.num_processes:
+            raise ConfigError(f"mesh.process_id={mesh.process_id} must be < mesh.num_processes={mesh.num_processes}")
         rows = mesh.data * mesh.fsdp
         if self.train.batch_size % rows:
             raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by the batch-sharding mesh "

@@ -125,6 +125,9 @@ def check_mesh(cfg: ExperimentConfig, model_config: Any, config_path: Path, *, d
     if cfg.train.batch_size % process_count:
         raise InputError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {process_count} "
                          "processes; each process loads an equal share of every global batch")
+    if cfg.data.pack and process_count > 1:
+        raise InputError("data.pack=true with several processes is not supported (packed batch counts differ per "
+                         "host); set data.pack=false")
     for name, (axis, size) in sharded_dimensions(model_config).items():
         if sizes[axis] > 1 and size % sizes[axis]:
             raise InputError(f"{config_path}: {name}={size} is not divisible by mesh.{axis}={sizes[axis]}; "

@@ -10,7 +10,6 @@ tokenization, and only then the model weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -20,28 +19,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from selfaug_jax.checkpoints.default_model import cache_dir
-from selfaug_jax.data import (
-    DataFormatError,
-    PromptConfig,
-    RagExample,
-    load_tfds_source,
-    read_examples,
-    tokenize_examples,
-    write_tfds_dataset,
-)
-from selfaug_jax.data.default_task import load_default_task
 from selfaug_jax.eval.report import write_report
 from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_eval_data, reference_responses
 from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.experiment.preflight import check_tokenizer, preflight
+from selfaug_jax.experiment.train_data import tokenized_train_source
 from selfaug_jax.experiment.trainer import is_main_process, train_method
 from selfaug_jax.models import load_pretrained
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_READER_FORMATS = {"auto": "auto", "jsonl": "jsonl", "crag": "crag", "rag-instruct": "rag_instruct"}
 
 
 def load_model(cfg: ExperimentConfig, model_dir: Path):
@@ -54,55 +42,6 @@ def load_model(cfg: ExperimentConfig, model_dir: Path):
         num_layers=cfg.model.num_layers,
         attention_chunk=cfg.model.attention_chunk,
     )
-
-
-def load_train_examples(cfg: ExperimentConfig) -> list[RagExample]:
-    """The training examples (the shipped default task, or a file in a supported format)."""
-    if cfg.data.train == "default":
-        records = load_default_task("train")
-        examples = [RagExample.from_dict(r, where=f"default_task/train.jsonl:{i + 1}") for i, r in enumerate(records)]
-    else:
-        kwargs = {"split": cfg.data.crag_split} if cfg.data.format == "crag" or "crag" in cfg.data.train else {}
-        examples = list(read_examples(cfg.data.train, _READER_FORMATS[cfg.data.format], **kwargs))
-    if cfg.data.max_train_examples is not None:
-        examples = examples[: cfg.data.max_train_examples]
-    if not examples:
-        raise DataFormatError(f"data.train: {cfg.data.train} holds no training examples (empty file?)")
-    return examples
-
-
-def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path):
-    """Tokenize the training set once into a tfds array_record dataset (cached by content hash) and open it."""
-    examples = load_train_examples(cfg)
-    key_src = json.dumps(
-        {
-            "data": cfg.data.train,
-            "format": cfg.data.format,
-            "n": len(examples),
-            "first_last": [examples[0].id, examples[-1].id],
-            "max_length": cfg.data.max_length,
-            "truncation": cfg.data.truncation,
-            "no_documents": cfg.data.no_documents,
-            "tokenizer": hashlib.sha256((model_dir / "tokenizer.json").read_bytes()).hexdigest()
-            if (model_dir / "tokenizer.json").exists()
-            else str(model_dir),
-            "version": 2,  # 2: documents that still fit are kept; zero-document examples skipped
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    data_dir = cache_dir() / "datasets" / digest
-    stats_path = data_dir / "prompt_stats.json"
-    if not stats_path.exists() and is_main_process():
-        prompt_config = PromptConfig(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
-                                     no_documents=cfg.data.no_documents)
-        tokenized, stats = tokenize_examples(examples, tokenizer, prompt_config)
-        dataset_dir = write_tfds_dataset({"train": tokenized}, data_dir, if_exists="overwrite")
-        record = {"dataset_dir": str(dataset_dir), "prompt_stats": stats.as_dict()}
-        stats_path.write_text(json.dumps(record, default=str))
-    record = json.loads(stats_path.read_text())
-    logger.info("training data: %s (%s)", record["dataset_dir"], record["prompt_stats"])
-    return load_tfds_source(record["dataset_dir"], "train"), record["prompt_stats"]
 
 
 def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -103,9 +103,15 @@ def lora_config_of(cfg: ExperimentConfig) -> LoRAConfig:
 
 
 def batch_config_of(cfg: ExperimentConfig, pad_id: int) -> BatchConfig:
+    """This process's batching: ``train.batch_size / process_count`` rows of its own examples per step. On several
+    processes every row has the longest bucket's length, so all hosts' rows form one global ``[B, T]`` array
+    without agreeing on a length each step."""
     buckets = tuple(sorted(cfg.data.buckets))
+    n_proc = jax.process_count()
+    if n_proc > 1:
+        buckets = buckets[-1:]
     return BatchConfig(
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size // n_proc,
         buckets=buckets,
         pad_id=pad_id,
         pack=cfg.data.pack,
@@ -294,8 +300,8 @@ def train_method(
     try:
         for step in range(start + 1, total_steps + 1):
             batch = next(iterator).arrays()  # prepared while the previous step runs
-            if plan is not None:  # every host builds the same global batch; each places only its own rows
-                batch = plan.put_batch(batch, is_global=True)
+            if plan is not None:  # each host built only its own rows (its own examples) of the global batch
+                batch = plan.put_batch(batch)
             else:
                 batch = {k: jnp.asarray(v) for k, v in batch.items()}
             if step == poison_step:
