@@ -107,7 +107,8 @@ def _case(name: str, tmp: Path) -> tuple[list[str], str, bool]:
         return ["--preset", "no-such-preset"], "unknown preset 'no-such-preset'; available presets:", True
     if name == "mesh_batch_divisibility":
         return (["--cpu-devices", "8", "--mesh", "data=2,fsdp=2,tensor=2"],
-                "train.batch_size=2 is not divisible by the batch-sharding mesh axes data x fsdp = 2 x 2 = 4", True)
+                "train.batch_size=2 (micro-batches of 2 rows with train.grad_accum_steps=1) is not divisible by the "
+                "batch-sharding mesh axes data x fsdp = 2 x 2 = 4", True)
     if name == "mesh_device_count":
         return ["--mesh", "data=2"], "--mesh data=2,fsdp=1,tensor=1 needs 2 devices but JAX sees 1", True
     if name == "heads_tensor_divisibility":

@@ -30,7 +30,7 @@ def _run(args, **kw):
     ("model.attention_chunk=0", "model.attention_chunk: 0 must be >= 1 (or null)"),
     ("lora.dropout=1.5", "lora.dropout: 1.5 must be >= 0 and < 1"),
     ("data.no_documents=maybe", "data.no_documents: 'maybe' is not one of skip, keep"),
-    ("mesh.fsdp=4", "train.batch_size=2 is not divisible by the batch-sharding mesh axes data x fsdp = 1 x 4 = 4"),
+    ("mesh.fsdp=4", "train.batch_size=2 (micro-batches of 2 rows with train.grad_accum_steps=1) is not divisible by the batch-sharding mesh axes data x fsdp = 1 x 4 = 4"),
 ])
 def test_config_errors_are_clear_and_early(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -200,10 +200,12 @@ class ExperimentConfig:
         if mesh.process_id is not None and mesh.num_processes is not None and mesh.process_id >= mesh.num_processes:
             raise ConfigError(f"mesh.process_id={mesh.process_id} must be < mesh.num_processes={mesh.num_processes}")
         rows = mesh.data * mesh.fsdp
-        if self.train.batch_size % rows:
-            raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by the batch-sharding mesh "
-                              f"axes data x fsdp = {mesh.data} x {mesh.fsdp} = {rows}; use a batch size that is a "
-                              f"multiple of {rows}")
+        micro = self.train.batch_size // self.train.grad_accum_steps
+        if micro % rows:
+            raise ConfigError(f"train.batch_size={self.train.batch_size} (micro-batches of {micro} rows with "
+                              f"train.grad_accum_steps={self.train.grad_accum_steps}) is not divisible by the "
+                              f"batch-sharding mesh axes data x fsdp = {mesh.data} x {mesh.fsdp} = {rows}; use "
+                              f"micro-batches that are a multiple of {rows}")
         if check_paths and self.data.train != "default" and not Path(self.data.train).exists():
             raise ConfigError(f"data.train: file {self.data.train!r} does not exist")
         name = self.model.name
