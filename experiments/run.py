@@ -105,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from selfaug_jax.experiment.runner import run_experiment
 
+    from selfaug_jax.data.schema import DataFormatError
+
     t0 = time.perf_counter()
-    results = run_experiment(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        results = run_experiment(cfg, resume=args.resume, progress=not args.no_progress)
+    except DataFormatError as e:  # a bad record found while reading (the first record is checked with the config)
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     import jax
 
     if jax.process_index() == 0:

@@ -27,6 +27,7 @@ from selfaug_jax.train.optimizer import OptimizerConfig
 from selfaug_jax.train.state import METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+DATA_FORMATS = ("auto", "jsonl", "crag", "rag-instruct", "alpaca", "sharegpt", "openai")
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,10 @@ class DataSection:
     """Training / evaluation data. ``train``: "default" (the shipped fictional RAG task) or a file."""
 
     train: str = "default"
-    format: str = "auto"  # auto | jsonl | crag | rag-instruct
+    format: str = "auto"  # auto | jsonl | crag | rag-instruct | alpaca | sharegpt | openai (selfaug_jax/data/formats.py)
+    # Column mapping, e.g. {question: instruction, documents: ctxs} (data.columns.question=instruction); keys in
+    # selfaug_jax.data.formats.COLUMN_KEYS. For jsonl / alpaca / sharegpt / openai (and Parquet / Arrow files).
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
     crag_split: str = "validation"  # the paper trains on CRAG's validation split
     max_length: int = 1024
     truncation: str = "drop"  # drop | truncate (lowest-ranked documents first; never question/answer)
@@ -135,10 +139,12 @@ class ExperimentConfig:
             raise ConfigError(f"model.remat: {self.model.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.model.attention_chunk is not None and self.model.attention_chunk < 1:
             raise ConfigError(f"model.attention_chunk: {self.model.attention_chunk!r} must be a positive int or null")
-        if self.data.format not in ("auto", "jsonl", "crag", "rag-instruct"):
-            raise ConfigError(f"data.format: {self.data.format!r} is not one of auto, jsonl, crag, rag-instruct")
+        if self.data.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format: {self.data.format!r} is not one of {', '.join(DATA_FORMATS)}")
         if check_paths and self.data.train != "default" and not Path(self.data.train).exists():
             raise ConfigError(f"data.train: file {self.data.train!r} does not exist")
+        if check_paths and self.data.train != "default":
+            _check_data_columns(self.data)
         if self.data.truncation not in ("drop", "truncate"):
             raise ConfigError(f"data.truncation: {self.data.truncation!r} is not one of drop, truncate")
         if max(self.data.buckets) < self.data.max_length:
@@ -157,6 +163,23 @@ class ExperimentConfig:
             if check_paths and not Path(p).exists():
                 raise ConfigError(f"eval.mc_files.{f}: file {p!r} does not exist")
         return self
+
+
+def _check_data_columns(data: DataSection) -> None:
+    """The column mapping against the training file's first record (``selfaug_jax.data.formats``)."""
+    from selfaug_jax.data.formats import check_columns
+    from selfaug_jax.data.readers import resolve_format
+    from selfaug_jax.data.schema import DataFormatError
+
+    try:
+        fmt = resolve_format(data.train, data.format.replace("-", "_"))
+        if fmt in ("crag", "rag_instruct"):
+            if data.columns:
+                raise DataFormatError(f"data.columns is not supported with data.format={fmt} (fixed fields)")
+            return
+        check_columns(data.train, fmt, data.columns)
+    except DataFormatError as e:
+        raise ConfigError(f"data.train: {e}") from None
 
 
 # ---------------------------------------------------------------------- building from dicts

@@ -35,7 +35,8 @@ from selfaug_jax.models import load_pretrained, resolve_model_dir
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_READER_FORMATS = {"auto": "auto", "jsonl": "jsonl", "crag": "crag", "rag-instruct": "rag_instruct"}
+_READER_FORMATS = {"auto": "auto", "jsonl": "jsonl", "crag": "crag", "rag-instruct": "rag_instruct",
+                   "alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}
 
 
 def load_model(cfg: ExperimentConfig, model_dir: Path):
@@ -57,6 +58,8 @@ def load_train_examples(cfg: ExperimentConfig) -> list[RagExample]:
         examples = [RagExample.from_dict(r, where=f"default_task/train.jsonl:{i + 1}") for i, r in enumerate(records)]
     else:
         kwargs = {"split": cfg.data.crag_split} if cfg.data.format == "crag" or "crag" in cfg.data.train else {}
+        if cfg.data.columns:
+            kwargs["columns"] = cfg.data.columns
         examples = list(read_examples(cfg.data.train, _READER_FORMATS[cfg.data.format], **kwargs))
     if cfg.data.max_train_examples is not None:
         examples = examples[: cfg.data.max_train_examples]
@@ -72,6 +75,7 @@ def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path):
         {
             "data": cfg.data.train,
             "format": cfg.data.format,
+            **({"columns": dict(sorted(cfg.data.columns.items()))} if cfg.data.columns else {}),
             "n": len(examples),
             "first_last": [examples[0].id, examples[-1].id],
             "max_length": cfg.data.max_length,
