@@ -120,3 +120,22 @@ def test_unknown_model_arg_is_one_line_error():
         BackendConfig.from_kwargs({"batch_size": "auto"})
     assert BackendConfig.from_kwargs({"merge": "false", "batch_size": "3", "device": "cpu"}) == BackendConfig(
         merge=False, batch_size=3)
+
+
+def test_experiment_hook_runs_tasks_on_an_in_memory_model(tiny_hf_dir, both, monkeypatch, tmp_path):
+    from selfaug_jax.eval.lm_eval_tasks import lm_eval_markdown, run_lm_eval_tasks
+    from selfaug_jax.experiment.config import build_config
+    from selfaug_jax.models import load_pretrained
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    model, tok = load_pretrained(tiny_hf_dir), load_tokenizer(tiny_hf_dir)
+    res = run_lm_eval_tasks(model, tok, ["selfaug_tiny_mc"], include_path=str(TASK_DIR), limit=8, batch_size=4)
+    ours = _by_doc(both[0]["samples"]["selfaug_tiny_mc"])
+    expected_acc = sum(int(ours[d]["acc"]) for d in range(8)) / 8  # the first 8 documents of the full run
+    assert res["selfaug_tiny_mc"]["acc"] == expected_acc and res["_wall_s"] > 0
+    md = lm_eval_markdown({"base": res, "lora": res})
+    assert f"| selfaug_tiny_mc | acc | {expected_acc:.4f} | {expected_acc:.4f} |" in md
+    cfg = build_config("smoke", ["eval.lm_eval_tasks=[selfaug_tiny_mc,selfaug_tiny_gen]",
+                                 f"eval.lm_eval_include_path={TASK_DIR}", "eval.lm_eval_limit=4"])
+    assert cfg.eval.lm_eval_tasks == ("selfaug_tiny_mc", "selfaug_tiny_gen") and cfg.eval.lm_eval_limit == 4

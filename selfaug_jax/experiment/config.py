@@ -145,6 +145,14 @@ class ExperimentConfig:
             raise ConfigError(f"data.train: file {self.data.train!r} does not exist")
         if check_paths and self.data.train != "default":
             _check_data_columns(self.data)
+        if self.eval.lm_eval_tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ConfigError("eval.lm_eval_tasks needs lm-eval: pip install -e '.[lm-eval]'")
+            if check_paths and self.eval.lm_eval_include_path and not Path(self.eval.lm_eval_include_path).is_dir():
+                raise ConfigError(f"eval.lm_eval_include_path: directory {self.eval.lm_eval_include_path!r} "
+                                  f"does not exist")
         if self.data.truncation not in ("drop", "truncate"):
             raise ConfigError(f"data.truncation: {self.data.truncation!r} is not one of drop, truncate")
         if max(self.data.buckets) < self.data.max_length:
