@@ -15,10 +15,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("lm_eval")
@@ -139,3 +138,51 @@ def test_experiment_hook_runs_tasks_on_an_in_memory_model(tiny_hf_dir, both, mon
     cfg = build_config("smoke", ["eval.lm_eval_tasks=[selfaug_tiny_mc,selfaug_tiny_gen]",
                                  f"eval.lm_eval_include_path={TASK_DIR}", "eval.lm_eval_limit=4"])
     assert cfg.eval.lm_eval_tasks == ("selfaug_tiny_mc", "selfaug_tiny_gen") and cfg.eval.lm_eval_limit == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_hf_dir):
+    from selfaug_jax.eval.lm_eval_backend import SelfAugJaxLM
+
+    return SelfAugJaxLM(pretrained=str(tiny_hf_dir), batch_size=4)
+
+
+def test_chat_template_renders_as_lm_eval_hf(tiny_lm):
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"}]
+    hf_like = SimpleNamespace(tokenizer=tiny_lm.tokenizer, chat_template_args={})
+    for add in (True, False):
+        assert tiny_lm.apply_chat_template(history, add) == HFLM.apply_chat_template(hf_like, history, add)
+    assert tiny_lm.chat_template(True) == tiny_lm.tokenizer.chat_template
+    assert tiny_lm.apply_chat_template(history).endswith("<|im_start|>assistant\n")
+
+
+def test_few_compiled_shapes_and_batch_invariance(tiny_lm):
+    from lm_eval.api.instance import Instance
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+    reqs = [Instance("loglikelihood", {}, (" ".join(words[: 1 + i % 17]), " " + words[i % 5]), i)
+            for i in range(30)]
+    scores = tiny_lm.loglikelihood(reqs)
+    assert tiny_lm._scorer._cache_size() == 1  # 30 requests of 2-19 tokens: one [4, 32] shape
+    one = [tiny_lm.loglikelihood([r])[0] for r in reqs[:5]]  # alone in a batch of dummy rows: same values
+    assert [s[1] for s in one] == [s[1] for s in scores[:5]]
+    np.testing.assert_allclose([s[0] for s in one], [s[0] for s in scores[:5]], atol=1e-5)
+    long = [Instance("loglikelihood", {}, (" ".join(words * 3), " end"), 0)]
+    tiny_lm.loglikelihood(long)  # 52 tokens: the 64 bucket
+    assert tiny_lm._scorer._cache_size() == 2
+
+
+def test_single_token_stops_end_decoding_only_when_safe(tiny_lm):
+    newline = tiny_lm.tokenizer.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1
+    config, until = tiny_lm._generation_config({"until": ["\n", "Q:"], "max_gen_toks": 5, "do_sample": False})
+    assert newline[0] in config.eos_token_ids and until == ["\n", "Q:", tiny_lm.tokenizer.eos_token]
+    assert config.max_new_tokens == 5 and config.temperature == 0.0
+    config, _ = tiny_lm._generation_config({"until": ["\n", "A\nB"]})  # "\n" inside a longer stop string
+    assert newline[0] not in config.eos_token_ids and config.max_new_tokens == 256
+    with pytest.raises(ValueError, match=r"^selfaug-jax: unsupported generation kwargs num_beams"):
+        tiny_lm._generation_config({"until": [], "num_beams": 4})
