@@ -54,7 +54,7 @@ def _evaluate(model: str, model_args: str, batch_size: int, monkeypatch, tmp_pat
     monkeypatch.chdir(REPO)  # the task YAMLs name their JSONL files relative to the repository root
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS, batch_size=batch_size,
-                                   task_manager=TaskManager(include_path=str(TASK_DIR)), log_samples=True,
+                                   task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False), log_samples=True,
                                    random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
 
@@ -129,7 +129,8 @@ def test_experiment_hook_runs_tasks_on_an_in_memory_model(tiny_hf_dir, both, mon
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     model, tok = load_pretrained(tiny_hf_dir), load_tokenizer(tiny_hf_dir)
-    res = run_lm_eval_tasks(model, tok, ["selfaug_tiny_mc"], include_path=str(TASK_DIR), limit=8, batch_size=4)
+    res = run_lm_eval_tasks(model, tok, ["selfaug_tiny_mc"], include_path=str(TASK_DIR), limit=8, batch_size=4,
+                            include_defaults=False)
     ours = _by_doc(both[0]["samples"]["selfaug_tiny_mc"])
     expected_acc = sum(int(ours[d]["acc"]) for d in range(8)) / 8  # the first 8 documents of the full run
     assert res["selfaug_tiny_mc"]["acc"] == expected_acc and res["_wall_s"] > 0

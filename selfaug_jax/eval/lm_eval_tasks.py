@@ -28,6 +28,7 @@ def run_lm_eval_tasks(
     include_path: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
+    include_defaults: bool = True,
 ) -> dict[str, Any]:
     """``{task: {metric: value}, "_wall_s": seconds}`` of lm-eval's ``tasks`` on ``model`` (stderr values dropped).
 
@@ -35,6 +36,7 @@ def run_lm_eval_tasks(
         include_path: a directory of extra task YAMLs (lm-eval's ``--include_path``).
         limit: documents per task (lm-eval's ``--limit``; None = all).
         batch_size: rows per compiled batch of the backend.
+        include_defaults: also index lm-eval's own tasks (False: only ``include_path``; much faster to start).
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -44,7 +46,8 @@ def run_lm_eval_tasks(
     t0 = time.perf_counter()
     lm = SelfAugJaxLM.from_model(model, tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=False,
-                                  task_manager=TaskManager(include_path=include_path))
+                                  task_manager=TaskManager(include_path=include_path,
+                                                            include_defaults=include_defaults))
     results: dict[str, Any] = {}
     for task, metrics in (out or {}).get("results", {}).items():
         results[task] = {name.removesuffix(",none"): float(v) for name, v in metrics.items()
