@@ -194,3 +194,16 @@ def test_system_default_and_ids(tmp_path):
     (ex,) = read_formatted(tmp_path / "a.jsonl", "alpaca", system="Be brief.")
     assert (ex.id, ex.system, ex.question, ex.answer) == ("a.jsonl:1", "Be brief.", "Q?", "A.")
     assert np.array_equal([len(ex.documents)], [0])
+
+
+def test_runner_reads_the_configured_format_and_mapping():
+    from selfaug_jax.experiment.config import build_config
+    from selfaug_jax.experiment.runner import load_train_examples
+
+    cfg = build_config("smoke", [f"data.train={FIX / 'openai_mapped.jsonl'}", "data.format=openai",
+                                 "data.columns.messages=chat", "data.columns.documents=ctxs", "data.columns.id=uid",
+                                 "data.max_train_examples=null"])
+    assert cfg.data.columns == OPENAI_COLUMNS
+    examples = load_train_examples(cfg)
+    assert [e.id for e in examples] == ["a1", "a2", "a3"]
+    assert examples == list(read_examples(FIX / "openai_mapped.jsonl", "openai", columns=OPENAI_COLUMNS))

@@ -1,4 +1,6 @@
-"""Readers for RAG SFT data: our JSONL schema, CRAG task 1, RAG-Instruct.
+"""Readers for RAG SFT data: our JSONL schema, CRAG task 1, RAG-Instruct; :func:`read_examples` dispatches to
+them and to :mod:`selfaug_jax.data.formats` (Alpaca, ShareGPT, OpenAI messages, a column mapping, Parquet / Arrow
+/ ``save_to_disk`` files).
 
 All readers are generators of :class:`~selfaug_jax.data.schema.RagExample` and raise
 :class:`~selfaug_jax.data.schema.DataFormatError` (or its subclass ``SchemaError``) whose message
