@@ -45,7 +45,7 @@ def test_crag_snippets_fields_and_meta():
     assert exs[2].answer == "invalid question" and exs[2].meta["split"] == 1
     assert st.as_dict() == {"n_records": 3, "n_examples": 3, "n_other_split": 0, "n_documents": 6,
                             "n_empty_documents": 2, "n_page_fallbacks": 0, "n_truncated_pages": 0,
-                            "n_documents_over_limit": 0}
+                            "n_documents_over_limit": 0, "n_skipped": 0, "skip_reasons": {}}
 
 
 def test_crag_split_filter_counts():

@@ -1,4 +1,6 @@
-"""Readers for RAG SFT data: our JSONL schema, CRAG task 1, RAG-Instruct.
+"""Readers for RAG SFT data: our JSONL schema, CRAG task 1, RAG-Instruct; :func:`read_examples` dispatches to
+them and to :mod:`selfaug_jax.data.formats` (Alpaca, ShareGPT, OpenAI messages, a column mapping, Parquet / Arrow
+/ ``save_to_disk`` files).
 
 All readers are generators of :class:`~selfaug_jax.data.schema.RagExample` and raise
 :class:`~selfaug_jax.data.schema.DataFormatError` (or its subclass ``SchemaError``) whose message
@@ -51,6 +53,8 @@ __all__ = [
     "read_rag_instruct",
     "read_examples",
     "CRAG_SPLITS",
+    "READER_FORMATS",
+    "resolve_format",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,8 +74,10 @@ class ReaderStats:
     n_page_fallbacks: int = 0
     n_truncated_pages: int = 0
     n_documents_over_limit: int = 0
+    n_skipped: int = 0  # records that gave no example (the alpaca / sharegpt / openai readers), by reason below
+    skip_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -402,18 +408,56 @@ def read_rag_instruct(
 
 # ---------------------------------------------------------------------------------------------
 
-def read_examples(path: str | Path, format: Literal["auto", "jsonl", "crag", "rag_instruct"] = "auto",
+READER_FORMATS = ("auto", "jsonl", "crag", "rag_instruct", "alpaca", "sharegpt", "openai")
+
+
+def resolve_format(path: str | Path, format: str = "auto") -> str:
+    """The reader ``auto`` picks: ``crag`` in the file name -> CRAG; a Parquet / Arrow file or a dataset directory
+    -> sniffed from its first record (alpaca, sharegpt, openai, else our schema); a JSON / JSONL file whose first
+    record is clearly Alpaca (``instruction`` + ``input`` + ``output``) or ShareGPT (``conversations``) -> that;
+    other ``.json`` -> RAG-Instruct; otherwise our JSONL."""
+    if format != "auto":
+        return format
+    from selfaug_jax.data.formats import sniff_format
+
+    p = Path(path)
+    name = p.name.lower()
+    if "crag" in name:
+        return "crag"
+    if p.is_dir() or p.suffix in (".parquet", ".arrow"):
+        return sniff_format(p)
+    sniffed = sniff_format(p) if p.is_file() else "jsonl"
+    if sniffed == "sharegpt" or (sniffed == "alpaca" and _first_has(p, "input")):
+        return sniffed
+    if re.search(r"\.json(\.(bz2|gz|xz))?$", name):
+        return "rag_instruct"
+    return "jsonl"
+
+
+def _first_has(path: Path, key: str) -> bool:
+    for _, rec in iter_json_array_records(path):
+        return isinstance(rec, Mapping) and key in rec
+    return False
+
+
+def read_examples(path: str | Path, format: str = "auto", *, columns: Mapping[str, str] | None = None,
                   **kwargs: Any) -> Iterator[RagExample]:
-    """Dispatch to a reader. ``auto``: ``crag`` in the file name -> CRAG; ``.json`` -> RAG-Instruct;
-    otherwise our JSONL."""
-    if format == "auto":
-        name = Path(path).name.lower()
-        if "crag" in name:
-            format = "crag"
-        elif re.search(r"\.json(\.(bz2|gz|xz))?$", name):
-            format = "rag_instruct"
-        else:
-            format = "jsonl"
+    """Dispatch to a reader (``format`` one of :data:`READER_FORMATS`; ``auto``: see :func:`resolve_format`).
+
+    ``columns`` (``{key: column}``, see :mod:`selfaug_jax.data.formats`) renames fields; it applies to ``jsonl``,
+    ``alpaca``, ``sharegpt`` and ``openai``, which also read Parquet / Arrow files and ``save_to_disk``
+    directories. A ``.parquet`` / ``.arrow`` file or a directory in ``jsonl`` format is read as records of our
+    schema."""
+    format = resolve_format(path, format)
+    if format not in READER_FORMATS:
+        raise ValueError(f"unknown format {format!r}; one of {', '.join(READER_FORMATS)}")
+    if columns and format in ("crag", "rag_instruct"):
+        raise DataFormatError(f"data.columns is not supported with format {format} (its fields are fixed)")
+    if format in ("alpaca", "sharegpt", "openai") or (format == "jsonl" and (
+            columns or Path(path).is_dir() or Path(path).suffix in (".parquet", ".arrow"))):
+        from selfaug_jax.data.formats import read_formatted
+
+        return read_formatted(path, format, columns=columns, **kwargs)
     if format == "crag":
         return read_crag_task1(path, **kwargs)
     if format == "rag_instruct":

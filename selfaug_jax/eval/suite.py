@@ -103,6 +103,8 @@ class EvalConfig:
       documents_template: how a user turn with documents is rendered (must match the training data's).
       n_samples: predictions per part kept in the ``samples`` side output.
       seed: subset seed.
+      lm_eval_tasks / lm_eval_include_path / lm_eval_limit: lm-evaluation-harness tasks for every model (run by
+        the experiment runner, not by :func:`evaluate_model`), an extra task directory, documents per task.
     """
 
     n_rag: int | None = 64
@@ -124,6 +126,10 @@ class EvalConfig:
     documents_template: DocumentsTemplate = DocumentsTemplate()
     n_samples: int = 3
     seed: int = 0
+    # lm-evaluation-harness tasks run on the base model and every method (selfaug_jax/eval/lm_eval_tasks.py).
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include_path: str | None = None  # directory of extra task YAMLs (lm-eval's --include_path)
+    lm_eval_limit: int | None = None  # documents per task (None = all)
 
     def __post_init__(self) -> None:
         for name in ("n_rag", "n_ifeval", "n_shift_general", "n_shift_rag", "n_mc"):

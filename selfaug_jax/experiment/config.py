@@ -98,7 +98,11 @@ class DataSection:
     """Training / evaluation data. ``train``: "default" (the shipped fictional RAG task) or a file."""
 
     train: str = "default"
-    format: Literal["auto", "jsonl", "crag", "rag-instruct"] = "auto"
+    # auto | jsonl | crag | rag-instruct | alpaca | sharegpt | openai (selfaug_jax/data/formats.py)
+    format: Literal["auto", "jsonl", "crag", "rag-instruct", "alpaca", "sharegpt", "openai"] = "auto"
+    # Column mapping, e.g. {question: instruction, documents: ctxs} (data.columns.question=instruction); keys in
+    # selfaug_jax.data.formats.COLUMN_KEYS. For jsonl / alpaca / sharegpt / openai (and Parquet / Arrow files).
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
     crag_split: str = "validation"  # the paper trains on CRAG's validation split
     max_length: Annotated[int, Range(ge=2)] = 1024
     # Documents that do not fit are dropped lowest-ranked first; those that still fit are kept ("drop"), or the
@@ -208,6 +212,16 @@ class ExperimentConfig:
                               f"micro-batches that are a multiple of {rows}")
         if check_paths and self.data.train != "default" and not Path(self.data.train).exists():
             raise ConfigError(f"data.train: file {self.data.train!r} does not exist")
+        if check_paths and self.data.train != "default":
+            _check_data_columns(self.data)
+        if self.eval.lm_eval_tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ConfigError("eval.lm_eval_tasks needs lm-eval: pip install -e '.[lm-eval]'")
+            if check_paths and self.eval.lm_eval_include_path and not Path(self.eval.lm_eval_include_path).is_dir():
+                raise ConfigError(f"eval.lm_eval_include_path: directory {self.eval.lm_eval_include_path!r} "
+                                  f"does not exist")
         name = self.model.name
         if check_paths and name not in DEFAULT_MODEL_ALIASES and not Path(name).exists():
             raise ConfigError(f"model.name: {name!r} is neither the default model name nor an existing path")
@@ -215,6 +229,23 @@ class ExperimentConfig:
             if check_paths and not Path(p).exists():
                 raise ConfigError(f"eval.mc_files.{f}: file {p!r} does not exist")
         return self
+
+
+def _check_data_columns(data: DataSection) -> None:
+    """The column mapping against the training file's first record (``selfaug_jax.data.formats``)."""
+    from selfaug_jax.data.formats import check_columns
+    from selfaug_jax.data.readers import resolve_format
+    from selfaug_jax.data.schema import DataFormatError
+
+    try:
+        fmt = resolve_format(data.train, data.format.replace("-", "_"))
+        if fmt in ("crag", "rag_instruct"):
+            if data.columns:
+                raise DataFormatError(f"data.columns is not supported with data.format={fmt} (fixed fields)")
+            return
+        check_columns(data.train, fmt, data.columns)
+    except DataFormatError as e:
+        raise ConfigError(f"data.train: {e}") from None
 
 
 # ---------------------------------------------------------------------- building from dicts

@@ -44,6 +44,14 @@ def load_model(cfg: ExperimentConfig, model_dir: Path):
     )
 
 
+def _lm_eval(model, tokenizer, cfg: ExperimentConfig) -> dict[str, Any]:
+    """``eval.lm_eval_tasks`` on one model (selfaug_jax/eval/lm_eval_tasks.py)."""
+    from selfaug_jax.eval.lm_eval_tasks import run_lm_eval_tasks
+
+    return run_lm_eval_tasks(model, tokenizer, cfg.eval.lm_eval_tasks, include_path=cfg.eval.lm_eval_include_path,
+                             limit=cfg.eval.lm_eval_limit, batch_size=cfg.eval.batch_size)
+
+
 def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the configured methods and write ``summary.json``, ``report.md`` and plots to ``cfg.output.dir``."""
     t0 = time.perf_counter()
@@ -75,6 +83,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         base_model, tokenizer, eval_data, cfg.eval, original_model=base_model, reference_responses=ref_responses
     )
     logger.info("base evaluation: %.1fs", time.perf_counter() - t_eval)
+    lm_eval_results = {"base": _lm_eval(base_model, tokenizer, cfg)} if cfg.eval.lm_eval_tasks else {}
 
     results: dict[str, Any] = {
         "config": cfg.to_dict(),
@@ -112,6 +121,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
             reference_responses=ref_responses,
         )
         results["methods"][method] = metrics
+        if cfg.eval.lm_eval_tasks:
+            lm_eval_results[method] = _lm_eval(run.eval_model(), tokenizer, cfg)
         results["samples"][method] = samples
         results["curves"][method] = run.curves
         if periodic:
@@ -123,10 +134,17 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
                                        "total": round(time.perf_counter() - t_method, 1)}
         del run
 
+    if lm_eval_results:
+        results["lm_eval"] = lm_eval_results
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
     table = ""
     if is_main_process():
         table = write_report(results, out)
+        if lm_eval_results:
+            from selfaug_jax.eval.lm_eval_tasks import lm_eval_markdown
+
+            with open(out / "report.md", "a") as f:
+                f.write("\n" + lm_eval_markdown(lm_eval_results))
         (out / "samples.json").write_text(json.dumps(results["samples"], indent=2, default=str) + "\n")
     results["table"] = table
     return results

@@ -42,7 +42,8 @@ from selfaug_jax.experiment.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
-_READER_FORMATS = {"auto": "auto", "jsonl": "jsonl", "crag": "crag", "rag-instruct": "rag_instruct"}
+_READER_FORMATS = {"auto": "auto", "jsonl": "jsonl", "crag": "crag", "rag-instruct": "rag_instruct",
+                   "alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}
 CACHE_FORMAT_VERSION = 3  # 3: per-host shards; 2: documents that still fit are kept, zero-document skips
 
 
@@ -70,6 +71,8 @@ def load_train_examples(cfg: ExperimentConfig) -> list[RagExample]:
         examples = [RagExample.from_dict(r, where=f"default_task/train.jsonl:{i + 1}") for i, r in enumerate(records)]
     else:
         kwargs = {"split": cfg.data.crag_split} if cfg.data.format == "crag" or "crag" in cfg.data.train else {}
+        if cfg.data.columns:
+            kwargs["columns"] = cfg.data.columns
         examples = list(read_examples(cfg.data.train, _READER_FORMATS[cfg.data.format], **kwargs))
     if cfg.data.max_train_examples is not None:
         examples = examples[: cfg.data.max_train_examples]
@@ -90,6 +93,7 @@ def cache_key(cfg: ExperimentConfig, examples: list[RagExample], model_dir: Path
         {
             "data": cfg.data.train,
             "format": cfg.data.format,
+            **({"columns": dict(sorted(cfg.data.columns.items()))} if cfg.data.columns else {}),
             "n": len(examples),
             "first_last": [examples[0].id, examples[-1].id],
             "max_length": cfg.data.max_length,
