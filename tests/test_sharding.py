@@ -27,7 +27,7 @@ STEPS, SAVE_AT = 5, 3
 RTOL = 1e-5
 
 
-def run_worker(*args: str, timeout: float = 240) -> dict:
+def run_worker(*args: str, timeout: float = 600) -> dict:
     """Run the worker in a fresh process (killed on timeout); returns its JSON."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
