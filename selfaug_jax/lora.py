@@ -1,17 +1,19 @@
 """LoRA adapters for :class:`~selfaug_jax.models.decoder.DecoderLM`, kept in their own pytree.
 
-``add_lora`` gives each target :class:`~selfaug_jax.models.decoder.Linear` two ``LoRAParam`` variables,
-``lora_a [in, r]`` (PEFT's default init: uniform in ``±1/sqrt(in)``, i.e. kaiming-uniform with ``a=sqrt(5)``) and
-``lora_b [r, out] = 0``, and the update ``(dropout(x) @ A @ B) * alpha / r``. Because adapters are a separate
-variable type,
+``add_lora`` gives each target :class:`~selfaug_jax.models.decoder.Linear` of the stacked decoder layers two
+``LoRAParam`` variables, stacked over the ``L`` layers like the kernels: ``lora_a [L, in, r]`` (PEFT's default init:
+uniform in ``±1/sqrt(in)``, i.e. kaiming-uniform with ``a=sqrt(5)``) and ``lora_b [L, r, out] = 0``, and the update
+``(dropout(x) @ A @ B) * alpha / r``. Because adapters are a separate variable type,
 
     graphdef, lora_params, base_params = nnx.split(model, LoRAParam, nnx.Param)
 
 separates the trainable adapters from the frozen base, and the SelfAug reference is the same base params merged
 into the graph *without* adapters (:func:`split_lora_model`). Embeddings and the LM head are never adapted.
 
-``save_peft_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's tensor names, so
-``peft.PeftModel.from_pretrained(hf_model, dir)`` reproduces our logits (see ``tests/test_lora.py``).
+``save_peft_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's per-layer tensor
+names (``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``, one per layer slice), so
+``peft.PeftModel.from_pretrained(hf_model, dir)`` reproduces our logits (see ``tests/test_lora.py``);
+``load_peft_adapter`` stacks them back.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from selfaug_jax.models.decoder import DecoderLM, Linear, LoRAParam
@@ -59,7 +62,11 @@ class LoRAConfig:
 
 
 def lora_targets(model: DecoderLM, target_modules: tuple[str, ...]) -> list[tuple[tuple[Any, ...], Linear]]:
-    """``(path, Linear)`` pairs of the decoder-layer projections named in ``target_modules``."""
+    """``(path, Linear)`` pairs of the (stacked) decoder-layer projections named in ``target_modules``.
+
+    Paths are module paths without a layer index, e.g. ``("layers", "self_attn", "q_proj")``: each ``Linear``
+    holds the projection of every layer (kernel ``[L, in, out]``).
+    """
     out = []
     for path, module in nnx.iter_graph(model):
         if isinstance(module, Linear) and path and path[0] == "layers" and path[-1] in target_modules:
@@ -73,14 +80,15 @@ def add_lora(model: DecoderLM, config: LoRAConfig, rngs: nnx.Rngs | None = None)
     targets = lora_targets(model, config.target_modules)
     if not targets:
         raise ValueError(f"no LoRA target modules {config.target_modules} found in the model")
+    n_layers = model.config.num_hidden_layers
     for _, linear in targets:
         if linear.lora_a is not None:
             raise ValueError("the model already has LoRA adapters")
-        param_dtype = jnp.float32  # adapters are master weights: float32 even over a bf16 frozen base
+        # adapters are master weights: float32 even over a bf16 frozen base
         bound = 1.0 / math.sqrt(linear.in_features)
-        a = jax.random.uniform(rngs.params(), (linear.in_features, config.rank), jnp.float32, -bound, bound)
-        linear.lora_a = nnx.data(LoRAParam(a.astype(param_dtype)))
-        linear.lora_b = nnx.data(LoRAParam(jnp.zeros((config.rank, linear.out_features), param_dtype)))
+        a = jax.random.uniform(rngs.params(), (n_layers, linear.in_features, config.rank), jnp.float32, -bound, bound)
+        linear.lora_a = nnx.data(LoRAParam(a))
+        linear.lora_b = nnx.data(LoRAParam(jnp.zeros((n_layers, config.rank, linear.out_features), jnp.float32)))
         linear.lora_scale = config.scale
         linear.lora_dropout = config.dropout
     return model
@@ -113,14 +121,17 @@ def merge_lora(model: DecoderLM) -> DecoderLM:
         if linear.lora_a is None:
             continue
         kernel = linear.kernel[...]
-        delta = jnp.dot(linear.lora_a[...].astype(jnp.float32), linear.lora_b[...].astype(jnp.float32))
+        # [L, in, r] @ [L, r, out] -> [L, in, out] (a batched matmul over the layer axis)
+        delta = jnp.matmul(linear.lora_a[...].astype(jnp.float32), linear.lora_b[...].astype(jnp.float32))
         linear.kernel.set_value((kernel.astype(jnp.float32) + delta * linear.lora_scale).astype(kernel.dtype))
     return strip_lora(model)
 
 
-def peft_tensor_name(path: tuple[Any, ...], which: str) -> str:
-    """PEFT name of an adapter, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``."""
-    return "base_model.model.model." + ".".join(str(p) for p in path) + f".lora_{which}.weight"
+def peft_tensor_name(path: tuple[Any, ...], which: str, layer: int) -> str:
+    """PEFT name of one layer's adapter, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``
+    for ``path=("layers", "self_attn", "q_proj")``, ``which="A"``, ``layer=0``."""
+    parts = [str(path[0]), str(layer), *(str(p) for p in path[1:])]
+    return "base_model.model.model." + ".".join(parts) + f".lora_{which}.weight"
 
 
 def save_peft_adapter(
@@ -128,7 +139,6 @@ def save_peft_adapter(
 ) -> Path:
     """Write a PEFT-compatible adapter (``adapter_config.json`` + ``adapter_model.safetensors``, float32)."""
     from safetensors.numpy import save_file
-    import numpy as np
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,9 +146,11 @@ def save_peft_adapter(
     for path, linear in lora_targets(model, config.target_modules):
         if linear.lora_a is None:
             raise ValueError(f"module {'.'.join(map(str, path))} has no LoRA adapter")
-        # PEFT stores nn.Linear weights [out, in]: lora_A [r, in], lora_B [out, r].
-        tensors[peft_tensor_name(path, "A")] = np.asarray(linear.lora_a[...], np.float32).T.copy()
-        tensors[peft_tensor_name(path, "B")] = np.asarray(linear.lora_b[...], np.float32).T.copy()
+        # PEFT stores nn.Linear weights [out, in] per layer: lora_A [r, in], lora_B [out, r].
+        for which, var in (("A", linear.lora_a), ("B", linear.lora_b)):
+            stacked = np.asarray(var[...], np.float32)
+            for layer in range(stacked.shape[0]):
+                tensors[peft_tensor_name(path, which, layer)] = stacked[layer].T.copy()
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     adapter_config = {
         "peft_type": "LORA",
@@ -179,15 +191,20 @@ def load_peft_adapter(model: DecoderLM, adapter_dir: str | Path) -> tuple[Decode
     )
     add_lora(model, config)
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    file = adapter_dir / "adapter_model.safetensors"
     for path, linear in lora_targets(model, config.target_modules):
         for which, var in (("A", linear.lora_a), ("B", linear.lora_b)):
-            name = peft_tensor_name(path, which)
-            if name not in tensors:
-                raise ValueError(f"{adapter_dir / 'adapter_model.safetensors'}: missing tensor {name!r}")
-            value = tensors.pop(name).T
-            if value.shape != var[...].shape:
-                raise ValueError(f"tensor {name!r} has shape {value.T.shape}, expected {var[...].T.shape}")
-            var.set_value(jnp.asarray(value, var[...].dtype))
+            stacked = np.empty(var[...].shape, np.dtype(var[...].dtype))
+            for layer in range(stacked.shape[0]):
+                name = peft_tensor_name(path, which, layer)
+                if name not in tensors:
+                    raise ValueError(f"{file}: missing tensor {name!r}")
+                value = tensors.pop(name).T
+                if value.shape != stacked.shape[1:]:
+                    raise ValueError(f"{file}: tensor {name!r} has shape {value.T.shape}, expected "
+                                     f"{stacked.shape[1:][::-1]}")
+                stacked[layer] = value
+            var.set_value(jnp.asarray(stacked))
     if tensors:
         raise ValueError(f"{adapter_dir}: unexpected adapter tensors {sorted(tensors)[:5]}")
     return model, config

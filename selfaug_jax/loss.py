@@ -42,7 +42,8 @@ Two implementations with the same values and gradients:
   log-softmax, so peak temporary memory is ``O(chunk_size x V)``. With ``grad_mode="precompute"`` (default) the
   gradients w.r.t. the policy hidden states and LM head are accumulated inside the same chunk loop (a
   ``jax.custom_vjp``; the technique of Liger-Kernel's fused linear cross-entropy), so value+grad costs the same four
-  ``[N, D] x [D, V]`` matmuls as the unfused loss. ``grad_mode="remat"`` instead differentiates through a
+  ``[N, D] x [D, V]`` matmuls as the unfused loss -- three when the head is not differentiated (a frozen head, or
+  one passed under ``stop_gradient``: the VJP's ``symbolic_zeros`` tell it, and it skips the ``[D, V]`` gradient). ``grad_mode="remat"`` instead differentiates through a
   rematerialised (``jax.checkpoint``) scan body: it recomputes both projections in the backward pass (six matmuls)
   but supports higher-order and forward-mode differentiation.
 
@@ -58,6 +59,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from selfaug_jax.chunking import to_chunks
 from selfaug_jax.loss_checks import (
@@ -313,8 +315,8 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
 
     The logits are ``hidden @ lm_head`` computed in float32 (``preferred_element_type``; float64 for float64
     inputs), one chunk of positions at a time inside a ``lax.scan``: peak temporary memory is a few
-    ``[B * chunk_t, V]`` float32 buffers (plus, when differentiating with ``grad_mode="precompute"``, the ``[D, V]``
-    float32 head-gradient accumulator) instead of several ``[B, T, V]`` ones. The default ``chunk_size=512`` keeps
+    ``[B * chunk_t, V]`` float32 buffers (plus, when differentiating the head with ``grad_mode="precompute"``, the
+    ``[D, V]`` float32 head-gradient accumulator) instead of several ``[B, T, V]`` ones. The default ``chunk_size=512`` keeps
     value+grad at the Qwen2.5-0.5B shape (D=896, V=151936) near 2.2 GB of temporaries, ~1/13 of the unfused loss
     (``bench/loss_memory.py``).
 
@@ -426,6 +428,13 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
             return combine(ce_s, kl_s, inv), ce_s, kl_s
 
         def fused_fwd(h, rh, hs, tgt, msk, inv):
+            # symbolic_zeros=True: every leaf arrives as CustomVJPPrimal(value, perturbed). An input that is not
+            # being differentiated (a frozen LM head -- every LoRA method, e.g. SmolLM2's tied embedding -- or a
+            # head passed under stop_gradient) gets no gradient work: no [D, V] accumulator, no per-chunk
+            # h^T @ dlogits matmul, independent of whether XLA would find the dead loop carry.
+            want_dh, want_dw = h.perturbed, hs[0].perturbed
+            h, rh, hs, tgt, msk, inv = jax.tree.map(lambda p: p.value, (h, rh, hs, tgt, msk, inv),
+                                                    is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
             w_dv = hs[0]
 
             def body(carry, xs):
@@ -435,21 +444,28 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
                 _, vjp_fn, (ce_s, kl_s) = jax.vjp(lambda lg: chunk_terms(lg, ref_c, tgt_c, msk_c, inv),
                                                     project(h_c, w_dv), has_aux=True)
                 (dlogits_btv,) = vjp_fn(jnp.ones((), dtype))
-                dh_c = jnp.einsum("btv,dv->btd", dlogits_btv, w_dv, preferred_element_type=dtype)
-                dw_acc = dw_acc + jnp.einsum("btd,btv->dv", h_c, dlogits_btv, preferred_element_type=dtype)
-                return (ce_acc + ce_s, kl_acc + kl_s, dw_acc), dh_c.astype(h.dtype)
+                dh_c = None
+                if want_dh:
+                    dh_c = jnp.einsum("btv,dv->btd", dlogits_btv, w_dv, preferred_element_type=dtype).astype(h.dtype)
+                if want_dw:
+                    dw_acc = dw_acc + jnp.einsum("btd,btv->dv", h_c, dlogits_btv, preferred_element_type=dtype)
+                return (ce_acc + ce_s, kl_acc + kl_s, dw_acc), dh_c
 
-            init = (zero, zero, jnp.zeros(w_dv.shape, dtype))
+            init = (zero, zero, jnp.zeros(w_dv.shape, dtype) if want_dw else None)
             (ce_s, kl_s, dw), dh = jax.lax.scan(body, init, (h, rh, tgt, msk))
-            return (combine(ce_s, kl_s, inv), ce_s, kl_s), (dh, dw.astype(w_dv.dtype))
+            dw = None if dw is None else dw.astype(w_dv.dtype)
+            return (combine(ce_s, kl_s, inv), ce_s, kl_s), (dh, dw)
 
         def fused_bwd(res, cotangents):
             dh, dw = res
             g = cotangents[0]  # the CE / KL sums are returned with stop_gradient: their cotangents are zero
-            d_heads = (g.astype(dw.dtype) * dw,) + (None,) * (len(heads) - 1)
-            return g.astype(dh.dtype) * dh, None, d_heads, None, None, None
+            if isinstance(g, SymbolicZero):
+                g = jnp.zeros((), dtype)
+            d_h = None if dh is None else g.astype(dh.dtype) * dh
+            d_heads = (None if dw is None else g.astype(dw.dtype) * dw,) + (None,) * (len(heads) - 1)
+            return d_h, None, d_heads, None, None, None
 
-        fused.defvjp(fused_fwd, fused_bwd)
+        fused.defvjp(fused_fwd, fused_bwd, symbolic_zeros=True)
         total, ce_sum, kl_sum = fused(h_cbtd, rh_cbtd, heads, tgt_cbt, msk_cbt, inv)
 
     ce = jax.lax.stop_gradient(ce_sum) * inv_target

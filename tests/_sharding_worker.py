@@ -171,10 +171,10 @@ def run_meshes(args) -> dict:
             out["frozen_bytes_total"] = total_param_bytes(state.frozen)
             out["trainable_bytes_fsdp8"] = per_device_param_bytes(state.trainable)
             out["trainable_bytes_total"] = total_param_bytes(state.trainable)
-            out["q_kernel_spec"] = str(state.frozen["layers"][0]["self_attn"]["q_proj"]["kernel"].sharding.spec)
+            out["q_kernel_spec"] = str(state.frozen["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec)
         if parse_mesh(spec) == (2, 2, 2):
             flat = {path_str(path): str(x.sharding.spec) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
-            out["specs_222"] = {k: v for k, v in flat.items() if "layers/0" in k or "embed" in k or "lm_head" in k
+            out["specs_222"] = {k: v for k, v in flat.items() if "layers/" in k or "embed" in k or "lm_head" in k
                                 or k.startswith("step") or k.startswith("rng")}
         if args.ckpt and args.save_at:
             state, first = train(plan, state, step_fn, range(args.save_at))
@@ -198,7 +198,7 @@ def run_meshes(args) -> dict:
         "vocab": lambda: ShardingPlan(make_plan("tensor=8").mesh).spec_for(
             "embed_tokens/embedding", (100, 32), ("vocab", "embed")),
         "heads": lambda: ShardingPlan(make_plan("tensor=8").mesh).spec_for(
-            "layers/0/self_attn/k_proj/kernel", (32, 12), ("embed", "kv_heads")),
+            "layers/self_attn/k_proj/kernel", (32, 12), ("embed", "kv_heads")),
         "batch": lambda: make_plan("data=8").put_batch({"input_ids_bt": np_batch(0)["input_ids_bt"][:6]}),
     }.items():
         try:

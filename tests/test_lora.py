@@ -44,7 +44,10 @@ def test_zero_init_is_identity_and_pytrees_are_separate(tiny):
     policy_gd, base_gd, lora, frozen = split_lora_model(model)
     lora_leaves = jax.tree.leaves(lora)
     n_layers = 2
-    assert len(lora_leaves) == 2 * 7 * n_layers  # A and B on all seven projections of every layer
+    assert len(lora_leaves) == 2 * 7  # A and B on all seven projections, stacked over the layers
+    assert all(leaf.shape[0] == n_layers for leaf in lora_leaves)
+    q = model.layers.self_attn.q_proj
+    assert q.lora_a[...].shape == (n_layers, 64, CFG.rank) and q.lora_b[...].shape == (n_layers, CFG.rank, 64)
     assert not any(isinstance(v, LoRAParam) for _, v in nnx.to_flat_state(frozen))
     # the reference is the same frozen arrays without adapters
     reference = nnx.merge(base_gd, frozen)

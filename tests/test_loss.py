@@ -210,6 +210,50 @@ def test_fused_matches_unfused_values_and_grads(grad_mode, chunk_size, opts, sep
     assert _rel(vf_only, vu) <= 1e-5
 
 
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every ``dot_general`` in a (closed) jaxpr, nested jaxprs (scan bodies, ...) included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    shapes.extend(_dot_output_shapes(sub))
+    return shapes
+
+
+@pytest.mark.parametrize("with_kl", [True, False])
+def test_frozen_head_gets_no_gradient_work(with_kl):
+    """A head that is not differentiated (closed over, or under stop_gradient) costs no [D, V] gradient matmuls in
+    the precompute chunk loop, and the hidden-state gradient is unchanged."""
+    h, rh, w, _ = make_hidden(9)
+    _, _, labels, mask = make_batch(9)
+    labels = jnp.asarray(labels, jnp.int32)
+
+    def fused(h, w):
+        return selfaug_loss_from_hidden(h, rh if with_kl else None, w, labels, chunk_size=10)[0]
+
+    def unfused(h):
+        logits = jnp.einsum("btd,dv->btv", h, w)
+        if not with_kl:
+            return sft_loss(logits, labels)
+        return selfaug_loss(logits, jnp.einsum("btd,dv->btv", rh, w), labels)[0]
+
+    g_both = jax.grad(fused, argnums=(0, 1))
+    g_closed = jax.grad(lambda h: fused(h, w))
+    g_stopped = jax.grad(lambda h, w: fused(h, jax.lax.stop_gradient(w)), argnums=(0, 1))
+    dv = (D, V)
+    assert dv in _dot_output_shapes(jax.make_jaxpr(g_both)(h, w))  # a trainable head does get them
+    assert dv not in _dot_output_shapes(jax.make_jaxpr(g_closed)(h))
+    assert dv not in _dot_output_shapes(jax.make_jaxpr(g_stopped)(h, w))
+    want = jax.grad(unfused)(h)
+    assert _grad_rel(jax.jit(g_closed)(h), want) <= 1e-4
+    gh, gw = jax.jit(g_stopped)(h, w)
+    assert _grad_rel(gh, want) <= 1e-4 and float(jnp.max(jnp.abs(gw))) == 0.0
+
+
 def test_fused_float64_matches_numpy_reference():
     h, rh, w, _ = make_hidden(5)
     _, _, labels, mask = make_batch(5)

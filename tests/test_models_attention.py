@@ -8,7 +8,7 @@ from flax import nnx
 
 from selfaug_jax.models import load_pretrained
 from selfaug_jax.models.attention import grouped_query_attention, make_attention_mask
-from torch_reference import make_tiny_hf_model, torch_logits
+from torch_reference import TINY, make_tiny_hf_model, torch_logits
 
 B, T, H, K, D = 2, 13, 6, 2, 8
 
@@ -110,7 +110,7 @@ def test_decoder_with_small_chunks_matches_transformers(tmp_path, name):
     real = mask.astype(bool)
     assert np.abs(ours - ref)[real].max() <= 1e-4
     np.testing.assert_allclose(ours, ours_dense, rtol=0, atol=2e-6)
-    assert chunked.layers[0].self_attn.attention_chunk == 8
+    assert chunked.layers.self_attn.attention_chunk == 8
     assert nnx.graphdef(chunked) != nnx.graphdef(dense)
 
 
@@ -118,3 +118,26 @@ def test_attention_chunk_must_be_positive(tmp_path):
     make_tiny_hf_model("llama-tied", tmp_path)
     with pytest.raises(ValueError, match="attention_chunk"):
         load_pretrained(tmp_path, attention_chunk=0)
+
+
+def test_per_layer_sliding_windows_match_transformers(tmp_path):
+    """Qwen2 with ``max_window_layers=1``: layer 0 full, layer 1 windowed (the window is a scan input). Logits match
+    transformers, and KV-cache greedy decoding equals the no-cache reference."""
+    import torch
+    import transformers
+
+    from selfaug_jax.models.generation import GenerationConfig, generate, greedy_generate_no_cache
+
+    cfg = transformers.Qwen2Config(**TINY, rope_theta=10000.0, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    assert model.config.sliding_windows == (None, 4)
+    ids = np.random.default_rng(0).integers(0, 128, (2, 20))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), torch_logits(hf, ids), atol=1e-5, rtol=0)
+    prompts = [ids[0, :9].tolist(), ids[1, :5].tolist()]
+    res = generate(model, prompts, GenerationConfig(max_new_tokens=8, eos_token_ids=()))
+    np.testing.assert_array_equal(res.tokens, greedy_generate_no_cache(model, prompts, 8))

@@ -1,90 +1,78 @@
-"""Ordered per-layer remat (``selfaug_jax/models/remat.py``): same values and gradients, less live memory."""
+"""The scanned layer stack (``selfaug_jax/models/decoder.py``): one compiled block whatever the depth, remat
+policies that keep values and gradients, and remat that really lowers XLA's temporary memory."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from selfaug_jax.models.remat import REMAT_POLICIES, ordered_checkpoint, tie_to
-
-N_LAYERS = 8
-
-
-def _layer(w, x, key, mask):
-    """A residual MLP block with dropout drawn from ``key`` and a boolean row mask: every input kind a layer has."""
-    h = jnp.tanh(x @ w[0])
-    keep = jax.random.bernoulli(key, 0.9, h.shape)
-    h = jnp.where(keep & mask[:, None], h / 0.9, 0.0)
-    return x + jnp.tanh(h @ w[1])
+from selfaug_jax.models import DecoderLM, ModelConfig
 
 
-def _loss(wrap):
-    def loss(ws, x, key, mask):
-        block = wrap(_layer)
-        for i in range(N_LAYERS):
-            x = block(ws[i], x, jax.random.fold_in(key, i), mask)
-        return jnp.sum(x**2)
-
-    return loss
+def _config(n_layers: int, windows=None) -> ModelConfig:
+    return ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       sliding_windows=windows)
 
 
-def _inputs(rows=64, d=32, f=96):
-    key = jax.random.key(0)
-    ws = [
-        (jax.random.normal(jax.random.fold_in(key, 2 * i), (d, f)) * 0.2,
-         jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (f, d)) * 0.2)
-        for i in range(N_LAYERS)
-    ]
-    x = jax.random.normal(jax.random.fold_in(key, 99), (rows, d))
-    mask = jnp.arange(rows) % 5 != 0
-    return ws, x, key, mask
+def _loss_fn(model: DecoderLM):
+    graphdef, params = nnx.split(model)
+
+    def loss(p, ids):
+        return jnp.mean(nnx.merge(graphdef, p).hidden_states(ids) ** 2)
+
+    return loss, params
+
+
+def _ids(b=2, t=16):
+    return jnp.asarray(np.random.default_rng(0).integers(0, 64, (b, t)), jnp.int32)
+
+
+def test_parameters_are_stacked_over_layers():
+    model = DecoderLM(_config(3), rngs=nnx.Rngs(0))
+    assert model.layers.self_attn.q_proj.kernel[...].shape == (3, 32, 32)
+    assert model.layers.mlp.down_proj.kernel[...].shape == (3, 64, 32)
+    assert model.layers.input_layernorm.scale[...].shape == (3, 32)
+    q_l = np.asarray(model.layers.self_attn.q_proj.kernel[...])
+    assert not np.array_equal(q_l[0], q_l[1])  # each layer initialised from its own key
+
+
+def test_program_size_does_not_grow_with_depth():
+    """The lowered step of a 12-layer model is the 2-layer one (one scanned block), not six times its size."""
+    sizes = {}
+    for n in (2, 12):
+        loss, params = _loss_fn(DecoderLM(_config(n), remat_policy="full", rngs=nnx.Rngs(0)))
+        text = jax.jit(jax.grad(loss)).lower(params, _ids()).as_text()
+        sizes[n] = len(text)
+    assert abs(sizes[12] - sizes[2]) < 0.02 * sizes[2], sizes
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_saveable"])
-def test_ordered_checkpoint_matches_plain_checkpoint_and_no_remat(policy):
-    ws, x, key, mask = _inputs()
-    grad = lambda wrap: jax.jit(jax.value_and_grad(_loss(wrap), argnums=(0, 1)))(ws, x, key, mask)  # noqa: E731
-    v_none, g_none = grad(lambda f: f)
-    v_plain, g_plain = grad(lambda f: jax.checkpoint(f, policy=REMAT_POLICIES[policy]))
-    v_ord, g_ord = grad(lambda f: ordered_checkpoint(f, REMAT_POLICIES[policy]))
-    assert float(v_ord) == float(v_plain)
-    np.testing.assert_allclose(float(v_ord), float(v_none), rtol=1e-6)
-    for a, b, c in zip(jax.tree.leaves(g_ord), jax.tree.leaves(g_plain), jax.tree.leaves(g_none)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+def test_remat_policies_keep_values_and_gradients(policy):
+    windows = (None, 4, None)  # layers that differ: the window rides along in the scan
+    base = DecoderLM(_config(3, windows), rngs=nnx.Rngs(1))
+    loss, params = _loss_fn(base)
+    v0, g0 = jax.jit(jax.value_and_grad(loss))(params, _ids())
+    loss_r, params_r = _loss_fn(DecoderLM(_config(3, windows), remat_policy=policy, rngs=nnx.Rngs(1)))
+    v1, g1 = jax.jit(jax.value_and_grad(loss_r))(params_r, _ids())
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
-def test_ordered_checkpoint_reduces_live_memory_on_cpu():
-    """Plain ``jax.checkpoint`` lets XLA CPU hoist every layer's recompute; the ordered one keeps them sequential."""
-    ws, x, key, mask = _inputs(rows=2048, d=256, f=1024)
+def test_full_remat_lowers_temporary_memory():
+    """Without remat the backward keeps every layer's activations; with "full" it keeps only the layer inputs."""
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
-    def temp_bytes(wrap):
-        f = jax.jit(jax.grad(_loss(wrap)))
-        return f.lower(ws, x, key, mask).compile().memory_analysis().temp_size_in_bytes
+    def temp_bytes(policy):
+        loss, params = _loss_fn(DecoderLM(cfg, remat_policy=policy, rngs=nnx.Rngs(0)))
+        compiled = jax.jit(jax.grad(loss)).lower(params, _ids(4, 256)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
 
-    plain = temp_bytes(lambda f: jax.checkpoint(f, policy=REMAT_POLICIES["full"]))
-    ordered = temp_bytes(lambda f: ordered_checkpoint(f, REMAT_POLICIES["full"]))
-    hidden = 2048 * 1024 * 4  # one [rows, f] float32 activation: 8 MiB
-    # ordered: a few layers' worth of [rows, f] buffers at a time; plain on XLA CPU: several per layer for all 8.
-    assert ordered < 0.75 * plain, (ordered, plain)
-    assert ordered < 3 * N_LAYERS * hidden
-
-
-def test_tie_to_keeps_values_of_every_leaf_kind():
-    key = jax.random.key(3)
-    tree = {
-        "f32": jnp.linspace(-1, 1, 5),
-        "bf16": jnp.ones((2, 2), jnp.bfloat16),
-        "i32": jnp.arange(4),
-        "bool": jnp.array([True, False]),
-        "key": key,
-        "none": None,
-    }
-    tied = jax.jit(tie_to)(tree, jnp.full((3,), 2.5))
-    for name in ("f32", "bf16", "i32", "bool"):
-        np.testing.assert_array_equal(np.asarray(tied[name]), np.asarray(tree[name]))
-        assert tied[name].dtype == tree[name].dtype
-    np.testing.assert_array_equal(jax.random.key_data(tied["key"]), jax.random.key_data(key))
-    assert tied["none"] is None
-    # a NaN anchor poisons floating leaves (the backward it orders is non-finite anyway)
-    assert np.isnan(np.asarray(jax.jit(tie_to)(tree, jnp.array([np.nan]))["f32"])).all()
+    none, full = temp_bytes("none"), temp_bytes("full")
+    activation = 4 * 256 * 256 * 4  # one [b, t, F] float32 MLP activation: 1 MiB
+    # none: several [b, t, F] buffers (and [b, h, t, t] probabilities) per layer for all 8 layers
+    assert none > 8 * 3 * activation, none
+    assert full < 0.5 * none, (full, none)

@@ -121,12 +121,13 @@ def test_loss_and_lora_grads_match_pytorch_peft(tiny, tmp_path):
     graph_model = nnx.merge(model_def.policy_graphdef, grads, state.frozen)
     n_checked = 0
     for path, linear in lora_targets(graph_model, ALL_LINEAR_TARGETS):
-        for which, ours in (("A", linear.lora_a[...]), ("B", linear.lora_b[...])):
-            name = peft_tensor_name(path, which).replace(".weight", ".default.weight")
-            theirs = grads_t[name].T
-            rel = np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max()
-            assert rel <= 1e-4, (name, rel)
-            n_checked += 1
+        for which, ours_l in (("A", linear.lora_a[...]), ("B", linear.lora_b[...])):
+            for layer in range(ours_l.shape[0]):
+                name = peft_tensor_name(path, which, layer).replace(".weight", ".default.weight")
+                theirs = grads_t[name].T
+                rel = np.abs(np.asarray(ours_l[layer]) - theirs).max() / np.abs(theirs).max()
+                assert rel <= 1e-4, (name, rel)
+                n_checked += 1
     assert n_checked == 28
 
 

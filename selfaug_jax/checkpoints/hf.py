@@ -1,10 +1,11 @@
 """Torch-free Hugging Face checkpoint import and export (``config.json`` + ``*.safetensors``).
 
-Hugging Face names map onto NNX parameter paths one to one (see ``docs/ARCHITECTURE.md``):
-``model.layers.3.self_attn.q_proj.weight`` [out, in] <-> ``layers/3/self_attn/q_proj/kernel`` [in, out].
-Tensors are read with ``safetensors``' flax backend (bf16 without torch) one at a time, checked against the
-expected shape, cast to the parameter dtype and placed in an abstract (``nnx.eval_shape``) model, so loading never
-initialises random weights first.
+Hugging Face names map onto NNX parameter paths (see ``docs/ARCHITECTURE.md``). Decoder-layer parameters are
+stacked over the layers, so ``model.layers.3.self_attn.q_proj.weight`` [out, in] is slice 3 of
+``layers/self_attn/q_proj/kernel`` [L, in, out]; the other tensors map one to one (``model.norm.weight`` <->
+``norm/scale``). Tensors are read with ``safetensors``' flax backend (bf16 without torch) one at a time, checked
+against the expected shape, cast to the parameter dtype and written into a host buffer per stacked parameter of an
+abstract (``nnx.eval_shape``) model, so loading never initialises random weights first.
 """
 
 from __future__ import annotations
@@ -48,13 +49,30 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------- name mapping
-def nnx_path_to_hf(path: tuple[Any, ...]) -> tuple[str, bool]:
-    """NNX parameter path -> (HF tensor name, whether the tensor is transposed between the two layouts)."""
+def is_stacked(path: tuple[Any, ...]) -> bool:
+    """Whether an NNX parameter path is a decoder-layer parameter (leading layer axis)."""
+    return bool(path) and str(path[0]) == "layers"
+
+
+def nnx_path_to_hf(path: tuple[Any, ...], layer: int | None = None) -> tuple[str, bool]:
+    """NNX parameter path (+ layer index for stacked ``layers/...`` paths) -> (HF tensor name, whether the tensor
+    is transposed between the two layouts)."""
     *parents, leaf = (str(p) for p in path)
+    if is_stacked(path):
+        if layer is None:
+            raise ValueError(f"{'/'.join(map(str, path))} is stacked over layers: give the layer index")
+        parents = [parents[0], str(layer), *parents[1:]]
     transposed = leaf == "kernel"
     hf_leaf = "bias" if leaf == "bias" else "weight"
     prefix = [] if parents[:1] == ["lm_head"] else ["model"]
     return ".".join(prefix + parents + [hf_leaf]), transposed
+
+
+def hf_names(path: tuple[Any, ...], num_layers: int) -> list[tuple[str, bool, int | None]]:
+    """Every ``(HF name, transposed, layer index or None)`` an NNX parameter path stands for."""
+    if is_stacked(path):
+        return [(*nnx_path_to_hf(path, i), i) for i in range(num_layers)]
+    return [(*nnx_path_to_hf(path), None)]
 
 
 def hf_safetensors_files(model_dir: Path) -> list[Path]:
@@ -130,37 +148,48 @@ def load_hf_model(
     )
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
-    expected = {}
+    n_layers = config.num_hidden_layers
+    expected: dict[str, tuple[Any, Any, bool, int | None]] = {}
     for path, var in flat:
-        name, transposed = nnx_path_to_hf(path)
-        expected[name] = (path, var, transposed)
+        for name, transposed, layer in hf_names(path, n_layers):
+            expected[name] = (path, var, transposed, layer)
+    # One host buffer per stacked parameter, filled layer by layer (the full array exists once, never per layer).
+    buffers = {id(var): np.empty(var.shape, np.dtype(param_dtype)) for path, var in flat if is_stacked(path)}
 
     seen: set[str] = set()
     errors: list[str] = []
     for name, file, handle in _iter_tensors(hf_safetensors_files(model_dir)):
-        if name.endswith(_IGNORED_SUFFIXES) or _layer_index(name) >= config.num_hidden_layers:
+        if name.endswith(_IGNORED_SUFFIXES) or _layer_index(name) >= n_layers:
             continue  # derived buffers; layers beyond num_layers
         if name not in expected:
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # tied checkpoints sometimes store the (identical) head too; HF ignores it as well.
             errors.append(f"unexpected tensor {name!r} in {file.name}")
             continue
-        path, var, transposed = expected[name]
+        path, var, transposed, layer = expected[name]
         tensor = handle.get_tensor(name)
-        hf_shape = tuple(var.shape[::-1]) if transposed else tuple(var.shape)
+        hf_shape = _hf_shape(expected[name])
         if tuple(tensor.shape) != hf_shape:
+            layer_note = "" if layer is None else f", layer {layer}"
             errors.append(
                 f"tensor {name!r} in {file.name} has shape {tuple(tensor.shape)}, expected {hf_shape} "
-                f"(for NNX parameter {'/'.join(map(str, path))} of shape {tuple(var.shape)})"
+                f"(for NNX parameter {'/'.join(map(str, path))} of shape {tuple(var.shape)}{layer_note})"
             )
             continue
         value = jnp.asarray(tensor).astype(param_dtype)
-        var.set_value(value.T if transposed else value)
+        value = value.T if transposed else value
+        if layer is None:
+            var.set_value(value)
+        else:
+            buffers[id(var)][layer] = np.asarray(value)
         seen.add(name)
     missing = sorted(set(expected) - seen)
     errors.extend(f"missing tensor {n!r} (expected shape {_hf_shape(expected[n])})" for n in missing)
     if errors:
         raise CheckpointError(f"checkpoint {model_dir} does not match the {config.model_type} model:\n  " + "\n  ".join(errors))
+    for path, var in flat:
+        if is_stacked(path):
+            var.set_value(jnp.asarray(buffers.pop(id(var))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -173,19 +202,22 @@ def _layer_index(name: str) -> int:
 
 
 def _hf_shape(entry) -> tuple[int, ...]:
-    _, var, transposed = entry
-    return tuple(var.shape[::-1]) if transposed else tuple(var.shape)
+    """The HF shape of one tensor: a stacked parameter's per-layer shape, reversed for transposed kernels."""
+    _, var, transposed, layer = entry
+    shape = tuple(var.shape) if layer is None else tuple(var.shape[1:])
+    return shape[::-1] if transposed else shape
 
 
 # ---------------------------------------------------------------------- export
 def hf_state_dict(model: DecoderLM, dtype: Any | None = None) -> dict[str, jax.Array]:
-    """The model's parameters under HF names and layouts (LoRA adapters, if any, are not included)."""
+    """The model's parameters under HF names and layouts, stacked layers split per layer (LoRA adapters, if any,
+    are not included)."""
     out: dict[str, jax.Array] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transposed = nnx_path_to_hf(path)
-        value = var[...]
-        value = value.T if transposed else value
-        out[name] = value.astype(dtype) if dtype is not None else value
+        for name, transposed, layer in hf_names(path, model.config.num_hidden_layers):
+            value = var[...] if layer is None else var[...][layer]
+            value = value.T if transposed else value
+            out[name] = value.astype(dtype) if dtype is not None else value
     return out
 
 

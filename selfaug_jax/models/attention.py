@@ -81,8 +81,16 @@ def make_attention_mask(
     if q_segment_bt is not None and kv_segment_bs is not None:
         mask &= q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]
     if sliding_window is not None:
-        mask &= (q_index_bt[:, :, None] - kv_index_bs[:, None, :]) < sliding_window
+        mask &= within_window(q_index_bt, kv_index_bs, sliding_window)
     return mask
+
+
+def within_window(q_index_bt: jnp.ndarray, kv_index_bs: jnp.ndarray, sliding_window: int | jnp.ndarray) -> jnp.ndarray:
+    """Boolean ``[b, t, s]``: key s lies within ``sliding_window`` of query t (HF: ``q - kv < window``).
+
+    ``sliding_window`` may be a traced int32 scalar (a per-layer scan input of the decoder).
+    """
+    return (q_index_bt[:, :, None] - kv_index_bs[:, None, :]) < sliding_window
 
 
 def grouped_query_attention(

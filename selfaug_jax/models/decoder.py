@@ -24,16 +24,21 @@ from selfaug_jax.models.attention import (
     make_attention_mask,
     rope_cos_sin,
     rope_inv_freq,
+    within_window,
 )
 from selfaug_jax.models.config import ModelConfig
-from selfaug_jax.models.remat import REMAT_POLICIES, ordered_checkpoint
+from selfaug_jax.models.remat import REMAT_POLICIES
 
 # Query-chunk length of training/prefill attention (``grouped_query_attention``'s ``q_chunk``). Dense attention
 # holds a float32 [b, heads, t, t] score buffer per layer being computed (all layers' probabilities without remat);
 # chunks of 512 bound that by [b, heads, 512, t], which matters from a few thousand tokens on (bench/README.md).
 DEFAULT_ATTENTION_CHUNK = 512
 
-KVCache = list[tuple[jnp.ndarray, jnp.ndarray]]  # per layer: (k [b, s, k, d], v [b, s, k, d])
+# The KV cache of all layers: (k [L, b, s, kv_heads, head_dim], v [L, b, s, kv_heads, head_dim]).
+KVCache = tuple[jnp.ndarray, jnp.ndarray]
+
+# Sliding-window value of a full-attention layer when layers differ (a scan input must be an int for every layer).
+NO_WINDOW = 2**30
 
 # Optional activation-sharding hook ``(x, kind) -> x`` (set by ``selfaug_jax.train.sharding`` while a sharded step
 # is traced); ``None``: no constraints, the single-device path.
@@ -138,7 +143,6 @@ class Attention(nnx.Module):
     def __init__(
         self,
         cfg: ModelConfig,
-        layer_idx: int,
         *,
         dtype: Any,
         param_dtype: Any,
@@ -167,10 +171,17 @@ class Attention(nnx.Module):
         cos_btd: jnp.ndarray,
         sin_btd: jnp.ndarray,
         mask_bts: jnp.ndarray,
-        kv_cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+        kv_cache: KVCache | None = None,
         cache_index: jnp.ndarray | None = None,
+        layer_index: jnp.ndarray | None = None,
         dropout_rng: jax.Array | None = None,
-    ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray] | None]:
+    ) -> tuple[jnp.ndarray, KVCache | None]:
+        """Attention output ``[b, t, D]`` and, with ``kv_cache``, the updated stacked cache.
+
+        ``kv_cache`` is the whole stack ``(k, v)`` of shape ``[L, b, s, kv_heads, head_dim]``: this layer's new keys and
+        values are written at ``[layer_index, :, cache_index]`` (in place inside the layer scan) and attention reads
+        this layer's slice.
+        """
         b, t, _ = x_btd.shape
         rngs = _split_rng(dropout_rng, 4)
         q_bthd = self.q_proj(x_btd, rngs[0]).reshape(b, t, self.num_heads, self.head_dim)
@@ -183,11 +194,13 @@ class Attention(nnx.Module):
         k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
         new_cache = None
         if kv_cache is not None:
-            cache_k, cache_v = kv_cache
-            start = (0, cache_index, 0, 0)
-            k_btkd = jax.lax.dynamic_update_slice(cache_k, k_btkd.astype(cache_k.dtype), start)
-            v_btkd = jax.lax.dynamic_update_slice(cache_v, v_btkd.astype(cache_v.dtype), start)
-            new_cache = (k_btkd, v_btkd)
+            k_lbskd, v_lbskd = kv_cache
+            start = (layer_index, 0, cache_index, 0, 0)
+            k_lbskd = jax.lax.dynamic_update_slice(k_lbskd, k_btkd[None].astype(k_lbskd.dtype), start)
+            v_lbskd = jax.lax.dynamic_update_slice(v_lbskd, v_btkd[None].astype(v_lbskd.dtype), start)
+            new_cache = (k_lbskd, v_lbskd)
+            k_btkd = jax.lax.dynamic_index_in_dim(k_lbskd, layer_index, axis=0, keepdims=False)
+            v_btkd = jax.lax.dynamic_index_in_dim(v_lbskd, layer_index, axis=0, keepdims=False)
         out_bthd = grouped_query_attention(q_bthd, k_btkd, v_btkd, mask_bts, self.attention_chunk)
         return self.o_proj(out_bthd.reshape(b, t, -1), rngs[3]), new_cache
 
@@ -208,12 +221,15 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``."""
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``.
+
+    Inside :class:`DecoderLM` one ``DecoderLayer`` holds *all* layers: every parameter carries a leading layer axis
+    (see :func:`stacked_layers`), and the decoder calls the block on one layer's slice inside a ``jax.lax.scan``.
+    """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        layer_idx: int,
         *,
         dtype: Any,
         param_dtype: Any,
@@ -222,28 +238,55 @@ class DecoderLayer(nnx.Module):
     ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = Attention(
-            cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_chunk=attention_chunk
+            cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_chunk=attention_chunk
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_index=None, dropout_rng=None):
+    def __call__(
+        self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_index=None, layer_index=None, dropout_rng=None
+    ):
         attn_rng, mlp_rng = _split_rng(dropout_rng, 2)
         attn_out, new_cache = self.self_attn(
-            self.input_layernorm(x_btd), cos_btd, sin_btd, mask_bts, kv_cache, cache_index, attn_rng
+            self.input_layernorm(x_btd), cos_btd, sin_btd, mask_bts, kv_cache, cache_index, layer_index, attn_rng
         )
         h_btd = x_btd + attn_out
         return h_btd + self.mlp(self.post_attention_layernorm(h_btd), mlp_rng), new_cache
 
 
+def stacked_layers(
+    cfg: ModelConfig,
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    attention_chunk: int | None = None,
+) -> DecoderLayer:
+    """A :class:`DecoderLayer` whose every parameter has a leading axis of ``cfg.num_hidden_layers`` layers.
+
+    Each layer is initialised from its own key (``jax.vmap`` over the constructor); the module structure (graphdef)
+    is that of a single layer, so ``nnx.merge(graphdef, state_slice)`` of one layer's slice is a plain layer.
+    """
+    kw = dict(dtype=dtype, param_dtype=param_dtype, attention_chunk=attention_chunk)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0), **kw)))
+    keys_l = jax.random.split(rngs.params(), cfg.num_hidden_layers)
+    state_l = jax.vmap(lambda key: nnx.state(DecoderLayer(cfg, rngs=nnx.Rngs(params=key), **kw)))(keys_l)
+    return nnx.merge(graphdef, state_l)
+
+
 class DecoderLM(nnx.Module):
     """Decoder-only causal LM. See ``docs/ARCHITECTURE.md`` for the parameter layout.
+
+    ``self.layers`` is a single :class:`DecoderLayer` whose parameters are stacked over the layers (leading axis
+    ``L``); every forward (training, evaluation, prefill, KV-cache decoding) runs the layers as one ``jax.lax.scan``,
+    so XLA compiles the block once whatever the depth.
 
     Args:
         config: the model hyper-parameters.
         dtype: compute dtype (activations, matmul inputs). Logits are always float32.
         param_dtype: storage dtype of the parameters (e.g. float32 master weights with bfloat16 compute).
-        remat_policy: one of ``REMAT_POLICIES`` ("none", "full", "dots", "dots_saveable"); applied per layer.
+        remat_policy: one of ``REMAT_POLICIES`` ("none", "full", "dots", "dots_saveable"): the ``jax.checkpoint``
+            policy of the layer-scan body (training and evaluation forwards; decoding never remats).
         attention_chunk: query-chunk length of the attention kernel (see
             :func:`~selfaug_jax.models.attention.grouped_query_attention`): sequences longer than this never hold a
             float32 ``[b, heads, t, t]`` score tensor, which at long context dominates training memory. ``None``
@@ -272,12 +315,8 @@ class DecoderLM(nnx.Module):
         self.attention_chunk = attention_chunk
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nnx.List(
-            [
-                DecoderLayer(config, i, attention_chunk=attention_chunk, **kw)
-                for i in range(config.num_hidden_layers)
-            ]
-        )
+        # All decoder layers as one module with stacked parameters ([L, ...]); run by a scan in _run_layers.
+        self.layers = stacked_layers(config, attention_chunk=attention_chunk, **kw)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -316,8 +355,8 @@ class DecoderLM(nnx.Module):
         if positions is None:
             positions = default_positions(attention_mask, segment_ids)
         index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        masks = self._layer_masks(index_bt, index_bt, attention_mask, segment_ids, segment_ids)
-        x_btd, _ = self._run_layers(self.embed_tokens(input_ids_bt), positions, masks, None, None, dropout_rng)
+        mask_args = (index_bt, index_bt, attention_mask, segment_ids, segment_ids)
+        x_btd, _ = self._run_layers(self.embed_tokens(input_ids_bt), positions, mask_args, None, None, dropout_rng)
         return constrain_activation(self.norm(x_btd), "hidden_btd")
 
     def __call__(
@@ -345,11 +384,11 @@ class DecoderLM(nnx.Module):
 
     # ------------------------------------------------------------------ KV-cache decoding
     def init_cache(self, batch_size: int, max_length: int, dtype: Any | None = None) -> KVCache:
-        """Zeroed KV cache: per layer ``(k, v)`` of shape ``[batch, max_length, kv_heads, head_dim]``."""
+        """Zeroed KV cache ``(k, v)``, each ``[layers, batch, max_length, kv_heads, head_dim]``."""
         cfg = self.config
-        shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
         dtype = dtype or self.dtype
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
     def decode(
         self,
@@ -368,47 +407,67 @@ class DecoderLM(nnx.Module):
         the vocabulary (a prefill needs nothing else), returning logits ``[b, 1, V]``.
         """
         b, t = input_ids_bt.shape
-        s = cache[0][0].shape[1]
+        s = cache[0].shape[2]
         q_index_bt = cache_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         kv_index_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        masks = self._layer_masks(q_index_bt, kv_index_bs, kv_valid_bs, None, None)
         x_btd, new_cache = self._run_layers(
-            self.embed_tokens(input_ids_bt), positions_bt, masks, cache, cache_index, None
+            self.embed_tokens(input_ids_bt), positions_bt, (q_index_bt, kv_index_bs, kv_valid_bs, None, None),
+            cache, cache_index, None,
         )
         if last_only:
             x_btd = x_btd[:, -1:]
         return self.project(self.norm(x_btd)), new_cache
 
     # ------------------------------------------------------------------ internals
-    def _layer_masks(self, q_index, kv_index, kv_valid, q_seg, kv_seg) -> list[jnp.ndarray]:
-        windows = self.config.sliding_windows or (None,) * self.config.num_hidden_layers
-        cache: dict[int | None, jnp.ndarray] = {}
-        for w in windows:
-            if w not in cache:
-                cache[w] = make_attention_mask(q_index, kv_index, kv_valid, q_seg, kv_seg, w)
-        return [cache[w] for w in windows]
+    def _window_plan(self) -> tuple[int | None, jnp.ndarray | None]:
+        """``(static window, per-layer windows [L])``: one window (or ``None``) shared by every layer is applied once
+        to the mask outside the scan; windows that differ between layers are a scan input (``NO_WINDOW`` = full)."""
+        windows = self.config.sliding_windows
+        if windows is None or len(set(windows)) == 1:
+            return (None if windows is None else windows[0]), None
+        return None, jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
-    def _run_layers(self, x_btd, positions_bt, masks, cache, cache_index, dropout_rng):
+    def _run_layers(self, x_btd, positions_bt, mask_args, cache, cache_index, dropout_rng):
+        """Scan the stacked layers over ``x_btd``; returns ``(x_btd, new cache or None)``.
+
+        ``mask_args`` = ``(q_index_bt, kv_index_bs, kv_valid_bs, q_segment_bt, kv_segment_bs)`` of
+        :func:`~selfaug_jax.models.attention.make_attention_mask`. Scan inputs per layer: the layer's parameter slice,
+        its index (dropout key ``fold_in(dropout_rng, index)``, cache slot) and, when layers differ, its window.
+        Training forwards (no cache) run the body under ``jax.checkpoint`` with the remat policy.
+        """
         cfg = self.config
         cos_btd, sin_btd = rope_cos_sin(positions_bt, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        policy = REMAT_POLICIES[self.remat_policy]
-        new_cache: KVCache = []
+        static_window, windows_l = self._window_plan()
+        q_index_bt, kv_index_bs = mask_args[0], mask_args[1]
+        mask_bts = make_attention_mask(*mask_args, static_window)
+        graphdef, stack_state = nnx.split(self.layers)
+        xs = (stack_state, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), windows_l)
+
+        def layer_call(x_btd, layer_state, index, window, kv_cache):
+            mask = mask_bts if window is None else mask_bts & within_window(q_index_bt, kv_index_bs, window)
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+            layer = nnx.merge(graphdef, layer_state)
+            x_btd, kv_cache = layer(x_btd, cos_btd, sin_btd, mask, kv_cache, cache_index, index, rng)
+            return constrain_activation(x_btd, "hidden_btd"), kv_cache
+
         x_btd = constrain_activation(x_btd, "hidden_btd")
-        for i, layer in enumerate(self.layers):
-            layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            layer_cache = None if cache is None else cache[i]
-            if self.remat_policy != "none" and cache is None:
-                graphdef, state = nnx.split(layer)
+        if cache is not None:
+            def decode_body(carry, xs):
+                x_btd, kv_cache = carry
+                return layer_call(x_btd, *xs, kv_cache), None
 
-                def run(state, x, cos, sin, mask, rng, graphdef=graphdef):
-                    return nnx.merge(graphdef, state)(x, cos, sin, mask, None, None, rng)[0]
+            (x_btd, cache), _ = jax.lax.scan(decode_body, (x_btd, cache), xs)
+            return x_btd, cache
 
-                x_btd = ordered_checkpoint(run, policy)(state, x_btd, cos_btd, sin_btd, masks[i], layer_rng)
-            else:
-                x_btd, c = layer(x_btd, cos_btd, sin_btd, masks[i], layer_cache, cache_index, layer_rng)
-                new_cache.append(c)
-            x_btd = constrain_activation(x_btd, "hidden_btd")
-        return x_btd, (new_cache if cache is not None else None)
+        def body(x_btd, xs):
+            return layer_call(x_btd, *xs, None)[0], None
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            # prevent_cse=False: the scan already keeps XLA from merging the recompute with the forward.
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x_btd, _ = jax.lax.scan(body, x_btd, xs)
+        return x_btd, None
 
 
 def default_positions(attention_mask_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray | None = None) -> jnp.ndarray:

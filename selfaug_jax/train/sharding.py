@@ -7,10 +7,12 @@ jit in/out shardings and a few ``with_sharding_constraint``s on activations):
 * ``fsdp``: data parallelism *and* the ``embed`` dimension of every weight sharded (ZeRO-3 style);
 * ``tensor``: Megatron-style tensor parallelism of heads / MLP / vocabulary.
 
-Parameters get their layout in two table lookups, both below in one place: a parameter path (``layers/3/mlp/
+Parameters get their layout in two table lookups, both below in one place: a parameter path (``layers/mlp/
 up_proj/kernel``) matches a regex in :data:`PARAM_RULES` giving *logical* axes (``("embed", "mlp")``), and
-:data:`LOGICAL_TO_MESH` maps each logical axis to mesh axes. Optimizer states (optax ``mu`` / ``nu``) mirror the
-parameter tree, so their paths end with the parameter path and match the same rules; scalars are replicated.
+:data:`LOGICAL_TO_MESH` maps each logical axis to mesh axes. Decoder-layer parameters (paths under ``layers/``) are
+stacked over the layers and get the replicated ``"layers"`` axis in front of their rule's axes. Optimizer states
+(optax ``mu`` / ``nu``) mirror the parameter tree, so their paths end with the parameter path and match the same
+rules; scalars are replicated.
 
 Multi-host: every process builds the same plan; :meth:`ShardingPlan.put_batch` takes this process's rows of the
 global batch (see :meth:`ShardingPlan.process_batch_slice`) and assembles the global array.
@@ -38,6 +40,7 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 # Logical axis -> mesh axes (None = replicated).
 LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
+    "layers": None,  # the stacked-layer axis of decoder-layer parameters: each device holds every layer's slice
     "length": None,
     "embed": "fsdp",
     "heads": "tensor",  # q / o projections: heads * head_dim
@@ -76,6 +79,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)(input_layernorm|post_attention_layernorm|norm|q_norm|k_norm)/scale$", ("norm",)),
 )
 
+# Parameters under a ``layers/`` module are stacked over the decoder layers (a leading layer axis).
+_STACKED_PATTERN = r"(^|/)layers/"
+
 # Activations the decoder constrains (``decoder_lib.constrain_activation`` names) -> logical axes.
 ACTIVATION_RULES: dict[str, tuple[str | None, ...]] = {
     "hidden_btd": ("batch", "length", "act_embed"),
@@ -87,7 +93,7 @@ class ShardingError(ValueError):
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """``"layers/0/self_attn/q_proj/kernel"`` from a jax key path (a trailing ``.value`` of nnx Variables dropped)."""
+    """``"layers/self_attn/q_proj/kernel"`` from a jax key path (a trailing ``.value`` of nnx Variables dropped)."""
     parts = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -115,6 +121,8 @@ def logical_axes_of(path: str, ndim: int) -> tuple[str | None, ...]:
         return ()
     for pattern, axes in PARAM_RULES:
         if re.search(pattern, path):
+            if re.search(_STACKED_PATTERN, path):
+                axes = ("layers",) + axes
             if len(axes) != ndim:
                 raise ShardingError(f"{path}: rule {pattern!r} gives {len(axes)} axes {axes} for a {ndim}-d array")
             return axes

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from selfaug_jax import loss as loss_lib
-from selfaug_jax.train.state import ModelDef, TrainState, uses_reference
+from selfaug_jax.train.state import ModelDef, TrainState, uses_lora, uses_reference
 
 ACCUM_NORMALIZATIONS = ("mean", "token")
 Batch = dict[str, jax.Array]
@@ -70,6 +70,10 @@ def _forward_losses(model_def: ModelDef, config: StepConfig, trainable, frozen, 
     policy = model_def.policy(trainable, frozen)
     hidden_btd = policy.hidden_states(batch["input_ids_bt"], dropout_rng=rng, **kwargs)
     head_dv = policy.lm_head_weight()
+    if uses_lora(model_def.method):
+        # The head is frozen (LoRA never adapts it; it is derived from `frozen`, which is not differentiated): under
+        # stop_gradient the fused loss's custom VJP sees it unperturbed and skips the head-gradient matmuls.
+        head_dv = jax.lax.stop_gradient(head_dv)
     cfg = config.loss
     n_target, n_aligned = normalizers if normalizers is not None else (None, None)
     if uses_reference(model_def.method):
