@@ -12,6 +12,7 @@ committed as JSONL under ``selfaug_jax/data/assets/probes/``:
 * ``general_prompts.jsonl`` (200 lines): ``{"id", "prompt", "category"}`` with categories explain,
   summarise (a short text is given), list, rewrite, math (short word problems), classify, translate.
   Used to measure distribution shift on ordinary instructions.
+* ``knowledge_mc.jsonl`` (197 lines, hand-written, not generated): see :data:`KNOWLEDGE_MC_PATH`.
 
 Regenerate with ``python -m selfaug_jax.data.probes [--out DIR]``; the output is a pure function of
 ``seed`` and the sources file.
@@ -33,6 +34,11 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "probes"
 SOURCES_PATH = ASSETS_DIR / "sources.yaml"
 IFEVAL_FILE = "ifeval_probes.jsonl"
 GENERAL_FILE = "general_prompts.jsonl"
+KNOWLEDGE_MC_PATH = ASSETS_DIR / "knowledge_mc.jsonl"
+"""197 four-option general-knowledge questions (geography, science, history, language, arithmetic, everyday
+facts), written by hand for this project; ARC layout (``question``, ``choices.text/label``, ``answerKey``), gold
+positions spread evenly over A-D. Scored by log-likelihood (:mod:`selfaug_jax.eval.multiple_choice`) as the
+evaluation suite's ``knowledge_acc`` / ``knowledge_acc_norm``."""
 GENERAL_CATEGORIES = ("explain", "summarise", "list", "rewrite", "math", "classify", "translate")
 
 # ------------------------------------------------------------------------------ IFEval-style probes
