@@ -84,14 +84,6 @@ EXTRA_METRIC_INFO: dict[str, dict[str, Any]] = {
                            "decimals": 4},
     "rag_false_refusal": {"label": "RAG false refusals", "higher_is_better": False, "group": "downstream",
                           "scale": 100.0},
-    "general_length_ratio": {"label": "General answer length / base", "higher_is_better": True,
-                             "group": "general", "decimals": 2},
-    "general_collapse": {"label": "General answers collapsed (<= 5 words)", "higher_is_better": False,
-                         "group": "general", "scale": 100.0},
-    "knowledge_acc": {"label": "Knowledge MC (shipped, acc)", "higher_is_better": True, "group": "general",
-                      "scale": 100.0},
-    "knowledge_acc_norm": {"label": "Knowledge MC (shipped, acc_norm)", "higher_is_better": True,
-                           "group": "general", "scale": 100.0},
 }
 """Report settings (``results["metric_info"]`` format) of the metrics that ``DEFAULT_METRIC_INFO`` lacks. MC keys
 other than the report's (e.g. ``mmlu_acc_norm``) are shown with the report's generic defaults."""
