@@ -22,10 +22,10 @@ def test_committed_probes_equal_generator_output(tmp_path):
 
 def test_ifeval_probes_structure():
     recs = probes.load_ifeval_probes()
-    assert len(recs) == 200 and len({r["id"] for r in recs}) == 200
+    assert len(recs) == 300 and len({r["id"] for r in recs}) == 300
     counts = Counter(i["type"] for r in recs for i in r["instructions"])
     assert set(counts) == set(probes.TYPES) == set(CHECKERS)
-    assert min(counts.values()) >= 10
+    assert min(counts.values()) >= 15
     for r in recs:
         assert 1 <= len(r["instructions"]) <= 3
         shorts = [i["type"].split(":")[1] for i in r["instructions"]]

@@ -3,10 +3,10 @@
 Both sets are built deterministically from the hand-written ``assets/probes/sources.yaml`` and
 committed as JSONL under ``selfaug_jax/data/assets/probes/``:
 
-* ``ifeval_probes.jsonl`` (200 lines): ``{"id", "prompt", "instructions": [{"type", "kwargs"}]}``.
+* ``ifeval_probes.jsonl`` (300 lines): ``{"id", "prompt", "instructions": [{"type", "kwargs"}]}``.
   Each prompt is an everyday request followed by 1 to 3 constraint sentences; instruction types and
   kwargs are those of :mod:`selfaug_jax.eval.ifeval` (IFEval ids). Every type is the *first*
-  constraint of 10 prompts (so each type appears at least 10 times); extra constraints are drawn at
+  constraint of 15 prompts (so each type appears at least 15 times); extra constraints are drawn at
   random among those compatible with the ones already chosen (:data:`CONFLICTS`).
   ``combination:repeat_prompt`` is always alone (its ``prompt_to_repeat`` is the request).
 * ``general_prompts.jsonl`` (200 lines): ``{"id", "prompt", "category"}`` with categories explain,
@@ -169,7 +169,7 @@ def _build(rng: random.Random, short: str, task: dict) -> tuple[str, dict]:
     raise ValueError(f"unknown instruction {short!r}")
 
 
-def generate_ifeval_probes(seed: int = 0, n: int = 200, sources: dict | None = None) -> list[dict]:
+def generate_ifeval_probes(seed: int = 0, n: int = 300, sources: dict | None = None) -> list[dict]:
     """``n`` IFEval-style probe records (see the module docstring)."""
     src = sources or load_sources()
     rng = random.Random(f"selfaug-ifeval-probes-{seed}")

@@ -14,7 +14,7 @@ Counting rules (as IFEval unless marked *ours*):
 * words: runs of ``\\w`` characters (IFEval's ``RegexpTokenizer(r"\\w+")``).
 * sentences (*ours*, IFEval uses NLTK punkt, which we do not depend on): split after ``.``, ``!``,
   ``?`` (runs count once, closing quotes/brackets included) followed by whitespace or the end; a
-  single ``.`` does not split after common abbreviations (Mr., Dr., e.g., etc., ...), single-letter
+  single ``.`` does not split after common abbreviations (Mr., Dr., e.g., etc., P.S., ...), single-letter
   initials or "No." before a digit (a lowercase next word still splits, so all-lowercase answers
   count normally); numbers like ``3.5`` never split; segments without a word character are not sentences. Line breaks alone do not end a
   sentence (as with punkt).
@@ -78,7 +78,7 @@ def count_words(text: str) -> int:
 
 
 _ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "inc", "ltd", "co", "e.g", "i.e",
-                  "fig", "approx", "dept", "est", "mt", "capt", "lt", "gen", "ph.d", "a.m", "p.m", "u.s")
+                  "fig", "approx", "dept", "est", "mt", "capt", "lt", "gen", "ph.d", "a.m", "p.m", "u.s", "p.s", "p.p.s")
 _SENT_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 
 

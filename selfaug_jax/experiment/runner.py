@@ -6,9 +6,11 @@ the same tokenized data and the same seed, so the comparison table differs only 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from selfaug_jax.data.default_task import load_default_task
 from selfaug_jax.eval.report import write_report
 from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_eval_data, reference_responses
 from selfaug_jax.experiment.config import ExperimentConfig
+from selfaug_jax.experiment.progress import StageTracker
 from selfaug_jax.experiment.trainer import is_main_process, train_method
 from selfaug_jax.models import load_pretrained, resolve_model_dir
 
@@ -105,6 +108,11 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
     if is_main_process():
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
+    methods = list(cfg.train.methods)
+    tracker = StageTracker(["data", "base eval"] + [f"{m} {k + 1}/{len(methods)}" for k, m in enumerate(methods)]
+                           + ["report"], kinds=["data", "eval"] + ["method"] * len(methods) + ["report"],
+                           stream=sys.stderr if progress and is_main_process() else None)
+    tracker.begin("data")
     model_dir = resolve_model_dir(cfg.model.name)
     from transformers import AutoTokenizer
 
@@ -120,6 +128,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         plan = ShardingPlan.from_config(cfg.mesh)
 
     eval_data = prepare_eval_data(tokenizer, cfg.eval)
+    tracker.begin("base eval")
     base_model = load_model(cfg, model_dir)
     t_eval = time.perf_counter()
     ref_responses = reference_responses(base_model, tokenizer, eval_data, cfg.eval)
@@ -134,6 +143,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         "methods": {"base": base_metrics},
         "metric_info": dict(EXTRA_METRIC_INFO),
         "samples": {"base": base_samples},
+        "items": {"base": base_samples.pop("items", {})},
         "curves": {},
         "evals_over_training": {},
         "timing_s": {},
@@ -144,7 +154,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         return evaluate_model(model, tokenizer, eval_data, cfg.eval, original_model=base_model,
                               reference_responses=ref_responses)[0]
 
-    for method in cfg.train.methods:
+    for k, method in enumerate(methods):
+        tracker.begin(f"{method} {k + 1}/{len(methods)}")
         t_method = time.perf_counter()
         run = train_method(
             method,
@@ -173,11 +184,16 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
             )
         results["timing_s"][method] = {"train": round(run.wall_time_s, 1),
                                        "total": round(time.perf_counter() - t_method, 1)}
-        del run
+        results["items"][method] = samples.pop("items", {})
+        del run, samples
+        gc.collect()  # the method's train step, merged model and their compiled executables
 
+    tracker.begin("report")
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
     table = ""
     if is_main_process():
+        tracker.end()
+        results["stages"] = tracker.records()
         table = write_report(results, out)
         (out / "samples.json").write_text(json.dumps(results["samples"], indent=2, default=str) + "\n")
     results["table"] = table
