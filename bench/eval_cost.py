@@ -52,7 +52,7 @@ def main() -> None:
     ev = dataclasses.replace(ev, **scaled, **({"batch_size": args.batch_size} if args.batch_size else {}))
     name = args.model or cfg.model.name
     tokenizer = load_tokenizer(name)
-    t = time.perf_counter()
+    t_start = t = time.perf_counter()
     data = prepare_eval_data(tokenizer, ev)
     t_prepare = time.perf_counter() - t
     base = load_pretrained(name)
@@ -62,13 +62,19 @@ def main() -> None:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
+    def say(msg: str) -> None:
+        print(f"[eval_cost] {msg} (wall {time.perf_counter() - t_start:.0f}s, cpu {cpu_s():.0f}s)", flush=True)
+
+    say("reference answers")
     t, c = time.perf_counter(), cpu_s()
     refs = reference_responses(base, tokenizer, data, ev)
     t_refs, cpu["reference_answers"] = time.perf_counter() - t, cpu_s() - c
+    say("base evaluation")
     c = cpu_s()
     _, base_samples = evaluate_model(base, tokenizer, data, ev, original_model=base, reference_responses=refs)
     cpu["base_eval"] = cpu_s() - c
     copy = load_pretrained(name)  # a "fine-tuned" model: same weights, another object (no shortcuts)
+    say("fine-tuned evaluation")
     c = cpu_s()
     _, tuned_samples = evaluate_model(copy, tokenizer, data, ev, original_model=base, reference_responses=refs)
     cpu["finetuned_eval"] = cpu_s() - c

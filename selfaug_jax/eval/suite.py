@@ -108,8 +108,9 @@ class EvalConfig:
       n_knowledge: items of the shipped knowledge multiple-choice probe (``data.probes.KNOWLEDGE_MC_PATH``, 197
         items; None = all, 0 = skip), scored like ``mc_files``.
       batch_size: rows per generation / forward batch.
-      prompt_bucket: generation pads prompts to a multiple of this (``GenerationConfig.prompt_bucket``); larger =
-        fewer compiled shapes, more padding.
+      generation_buckets: padded prompt lengths of generation batches (few compiled shapes; RAG prompts are
+        300-1300 tokens); prompts longer than the largest are padded to a multiple of ``prompt_bucket``.
+      prompt_bucket: see ``generation_buckets``.
       shift_max_length / shift_buckets: :class:`~selfaug_jax.eval.shift.ShiftConfig` length policy (buckets finer
         than ShiftConfig's default: RAG prompts are 300-1300 tokens, and a compile is cheaper than the padding).
       mc_files: ``{name: path}`` of multiple-choice files (format sniffed, see ``load_mc_dataset``).
@@ -133,6 +134,7 @@ class EvalConfig:
     n_knowledge: int | None = None
     batch_size: int = 8
     prompt_bucket: int = 64
+    generation_buckets: tuple[int, ...] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
     shift_max_length: int = 1024
     shift_buckets: tuple[int, ...] = (128, 256, 384, 512, 640, 768, 1024)
     mc_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -321,9 +323,10 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens
               ) -> Generations:
     """Greedy answers, ``config.batch_size`` prompts per call, until end-of-turn or ``max_new_tokens``.
 
-    Prompts arrive sorted by token length (:func:`prepare_eval_data`), so each batch holds prompts of similar length
-    (little left padding; one compiled shape per ``prompt_bucket`` multiple); the decode loop of a batch stops as
-    soon as all its rows have ended. The last batch is filled with copies of its first prompt to keep the shape.
+    Prompts arrive sorted by token length (:func:`prepare_eval_data`), so each batch holds prompts of similar length;
+    a batch is left-padded to the smallest of ``config.generation_buckets`` that fits its longest prompt (beyond
+    them: a multiple of ``prompt_bucket``), so a whole run compiles the decode loop for a handful of shapes; the
+    decode loop of a batch stops as soon as all its rows have ended. The last batch is filled with copies of its first prompt to keep the shape.
     Stop ids: the model's EOS ids plus the tokenizer's EOS (``<|im_end|>`` for ChatML models).
     """
     if not prompts:
@@ -342,7 +345,10 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens
         real = len(chunk)
         if len(encoded) > bs:
             chunk = chunk + [chunk[0]] * (bs - real)
-        result = generate(model, chunk, gen)
+        longest = max(len(p) for p in chunk)
+        target = next((b for b in config.generation_buckets if b >= longest),
+                      -(-longest // config.prompt_bucket) * config.prompt_bucket)
+        result = generate(model, chunk, dataclasses.replace(gen, prompt_bucket=target))  # pads to exactly `target`
         for row, n, stopped in zip(result.sequences()[:real], result.lengths[:real], result.stopped_on_eos[:real]):
             out.texts.append(tokenizer.decode(row, skip_special_tokens=True))
             out.new_tokens.append(int(n))
