@@ -24,8 +24,8 @@ from selfaug_jax.models import DecoderLM, ModelConfig, load_tokenizer
 ARC = Path(__file__).parent / "fixtures" / "mc" / "arc_challenge.jsonl"
 CFG = EvalConfig(n_rag=4, n_ifeval=4, n_shift_general=4, n_shift_rag=4, max_new_tokens_rag=4,
                  max_new_tokens_ifeval=4, max_new_tokens_shift=4, batch_size=4, mc_files={"arc_c": str(ARC)},
-                 n_mc=2, mc_max_length=128, n_samples=2)
-RANGE_01 = ("rag_", "ifeval_", "arc_c_")
+                 n_mc=2, mc_max_length=128, n_samples=2, n_knowledge=6)
+RANGE_01 = ("rag_", "ifeval_", "arc_c_", "knowledge_", "general_collapse")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,9 @@ def test_prepare_eval_data(setup, tokenizer):
     assert chat[0] == {"role": "system", "content": SYSTEM_PROMPT}
     assert chat[1]["role"] == "user" and chat[1]["content"].startswith("### Paragraph:\n[1] ")
     assert chat[1]["content"].endswith(data.rag_examples[0]["question"]) and len(chat) == 2
-    assert [len(x) for x in refs.values()] == [4, 4] and all(isinstance(s, str) for s in refs["general"])
+    assert (len(refs["general"]), len(refs["rag"])) == (4, 4) and all(isinstance(s, str) for s in refs["general"])
+    assert refs["generation"]["general"]["n"] == 4 and refs["generation"]["general"]["max_new_tokens"] == 4
+    assert len(data.mc_datasets["knowledge"]) == 6 and data.mc_datasets["knowledge"][0].context.startswith("Question:")
     again = prepare_eval_data(tokenizer, CFG)  # deterministic
     assert [r["id"] for r in again.rag_examples] == [r["id"] for r in data.rag_examples]
     assert again.general_ids == data.general_ids
@@ -76,8 +78,13 @@ def test_evaluate_model_metrics(setup, tokenizer):
                                       reference_responses=refs)
     expected = {"rag_em", "rag_f1", "rag_contains", "rag_refusal_acc", "rag_false_refusal", "ifeval_prompt_strict",
                 "ifeval_inst_strict", "ifeval_prompt_loose", "ifeval_inst_loose", "shift_general_input",
-                "shift_general_response", "shift_rag_input", "shift_rag_response", "arc_c_acc", "arc_c_acc_norm"}
+                "shift_general_response", "shift_rag_input", "shift_rag_response", "arc_c_acc", "arc_c_acc_norm",
+                "general_collapse", "general_length_ratio", "knowledge_acc", "knowledge_acc_norm"}
     assert set(metrics) == expected
+    base_words = sum(len(__import__("re").findall(r"\w+", t)) for t in refs["general"])
+    assert (metrics["general_length_ratio"] is None) == (base_words == 0)
+    if base_words == 0:  # a random tiny model may answer without any word: the ratio is undefined, not 0
+        metrics.pop("general_length_ratio")
     for key, v in metrics.items():
         assert isinstance(v, float) and math.isfinite(v), (key, v)
         if key.startswith(RANGE_01):
@@ -86,7 +93,20 @@ def test_evaluate_model_metrics(setup, tokenizer):
     assert all(metrics[k] == 0.0 for k in metrics if k.startswith("shift_"))
     assert samples["shift"]["general"]["n_response_tokens"] > 0 and samples["shift"]["rag"]["n_input_tokens"] > 0
     assert len(samples["rag"]) == 2 and {"id", "prediction", "answer"} <= set(samples["rag"][0])
-    assert len(samples["ifeval"]) == 2 and set(samples["timing_s"]) == {"rag", "ifeval", "shift", "mc", "total"}
+    assert len(samples["ifeval"]) == 2
+    assert set(samples["timing_s"]) == {"rag", "ifeval", "general", "shift", "mc", "total"}
+    assert metrics.get("general_length_ratio", 1.0) == 1.0  # the original's answers are the references (reused)
+    assert samples["generation"]["general"]["reused"] is True
+    # per-item values reproduce every metric: sum(num) / sum(den) (the bootstrap's input)
+    for key, v in metrics.items():
+        if key.startswith("shift_"):
+            continue  # zero without a forward pass for the original model
+        it = samples["items"][key]
+        den = it["den"] if it["den"] is not None else [1.0] * len(it["num"])
+        assert sum(it["num"]) / sum(den) == pytest.approx(v, abs=1e-12), key
+    assert len(samples["items"]["ifeval_inst_strict"]["num"]) == 4 and len(samples["items"]["knowledge_acc"]["num"]) == 6
+    gen = samples["generation"]["ifeval"]
+    assert gen["n"] == 4 and gen["max_new_tokens"] == 4 and 0 <= gen["hit_cap"] <= 4 and gen["new_tokens_max"] <= 4
     # every key is known to the report (DEFAULT_METRIC_INFO, or EXTRA_METRIC_INFO passed as metric_info)
     known = set(DEFAULT_METRIC_INFO) | set(EXTRA_METRIC_INFO)
     assert {k for k in metrics if not k.startswith("arc_c_acc")} <= known and "arc_c_acc_norm" in known
@@ -109,6 +129,15 @@ def test_shift_against_copy_and_perturbed(setup, tokenizer):
     metrics, _ = evaluate_model(perturbed, tokenizer, data, CFG, original_model=original, reference_responses=refs,
                                 parts=("shift",))
     assert all(math.isfinite(v) and v > 0 for v in metrics.values()), metrics
+    metrics, samples = evaluate_model(perturbed, tokenizer, data, CFG, original_model=original,
+                                      reference_responses=refs, parts=("general", "shift"))
+    words = [len(__import__("re").findall(r"\w+", t)) for t in refs["general"]]
+    if sum(words):
+        it = samples["items"]["general_length_ratio"]
+        assert it["den"] == words and metrics["general_length_ratio"] == pytest.approx(sum(it["num"]) / sum(words))
+    assert samples["generation"]["general"]["n"] == 4 and "reused" not in samples["generation"]["general"]
+    it = samples["items"]["shift_general_input"]
+    assert sum(it["num"]) / sum(it["den"]) == pytest.approx(metrics["shift_general_input"], rel=1e-6)
     with pytest.raises(ValueError, match="unknown parts"):
         evaluate_model(perturbed, tokenizer, data, CFG, original_model=original, reference_responses=refs,
                        parts=("rag", "speed"))

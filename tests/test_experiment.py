@@ -14,7 +14,8 @@ from selfaug_jax.experiment.config import ConfigError, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py"), "--no-progress"]
-NO_EVAL = ["eval.n_rag=0", "eval.n_ifeval=0", "eval.n_shift_general=0", "eval.n_shift_rag=0", "train.export=false"]
+NO_EVAL = ["eval.n_rag=0", "eval.n_ifeval=0", "eval.n_shift_general=0", "eval.n_shift_rag=0", "eval.n_knowledge=0",
+           "train.export=false"]
 
 
 def _run(args, **kw):

@@ -5,6 +5,8 @@ from collections import Counter
 
 import pytest
 
+import selfaug_jax.eval.ifeval as ifeval_module
+
 from selfaug_jax.data import probes
 from selfaug_jax.eval import ifeval
 from selfaug_jax.eval.ifeval import CHECKERS, check_instruction, evaluate_ifeval
@@ -20,10 +22,10 @@ def test_committed_probes_equal_generator_output(tmp_path):
 
 def test_ifeval_probes_structure():
     recs = probes.load_ifeval_probes()
-    assert len(recs) == 200 and len({r["id"] for r in recs}) == 200
+    assert len(recs) == 300 and len({r["id"] for r in recs}) == 300
     counts = Counter(i["type"] for r in recs for i in r["instructions"])
     assert set(counts) == set(probes.TYPES) == set(CHECKERS)
-    assert min(counts.values()) >= 10
+    assert min(counts.values()) >= 15
     for r in recs:
         assert 1 <= len(r["instructions"]) <= 3
         shorts = [i["type"].split(":")[1] for i in r["instructions"]]
@@ -82,7 +84,8 @@ P, F = True, False
 CASES = [
     ("change_case:english_lowercase", {}, "all lower here.", P),
     ("change_case:english_lowercase", {}, "Not lower.", F),
-    ("change_case:english_capital", {}, "ALL CAPS, 100%!", P),
+    ("change_case:english_capital", {}, "THIS ANSWER IS WRITTEN IN CAPITAL LETTERS, 100%!", P),
+    ("change_case:english_lowercase", {}, "ceci est une phrase entièrement écrite en français.", F),  # not English
     ("change_case:english_capital", {}, "ALL CAPS but one", F),
     ("length_constraints:number_words", {"num_words": 3, "relation": "at least"}, "one two three", P),
     ("length_constraints:number_words", {"num_words": 3, "relation": "at least"}, "one two", F),
@@ -168,7 +171,7 @@ RECORDS = [
 
 
 def test_evaluate_ifeval_hand_computed():
-    responses = ["all good here", "Sure thing.\nYes, I will\nBye", "   "]
+    responses = ["all of this answer is written in lowercase english", "Sure thing.\nYes, I will\nBye", "   "]
     out = evaluate_ifeval(RECORDS, responses)
     # strict: a -> [T, T]; b -> [F (starts with "Sure"), F (comma)]; c -> [F] (empty response)
     assert out["prompt_level_strict"] == pytest.approx(1 / 3)
@@ -253,7 +256,9 @@ def _oracle_response(rec: dict) -> str:
     return body
 
 
-def test_every_committed_probe_is_satisfiable():
+def test_every_committed_probe_is_satisfiable(monkeypatch):
+    # the oracle's filler text is not recognisably English to langdetect; its language is not what is tested here
+    monkeypatch.setattr(ifeval_module, "is_english", lambda text: True)
     recs = probes.load_ifeval_probes()
     out = evaluate_ifeval(recs, [_oracle_response(r) for r in recs])
     failed = [(r["id"], res["strict"]) for r, res in zip(recs, out["results"]) if not all(res["strict"])]

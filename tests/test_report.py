@@ -148,3 +148,70 @@ def test_missing_optional_pieces_are_skipped(tmp_path):
 def test_schema_errors_name_the_field(res, message):
     with pytest.raises(ValueError, match=message):
         build_table(res)
+
+
+def _items_results() -> dict:
+    """Base / LoRA / SelfAug with per-item values: LoRA forgets IFEval (0.8 -> 0.3), SelfAug barely (0.8 -> 0.75);
+    both gain on RAG."""
+    n = 200
+
+    def bern(p, offset=0):
+        return [1.0 if ((i * 37 + offset) % n) < p * n else 0.0 for i in range(n)]
+
+    items = {
+        "base": {"rag_f1": {"num": bern(0.2), "den": None}, "ifeval_prompt_strict": {"num": bern(0.8), "den": None},
+                 "general_collapse": {"num": [0.0] * n, "den": None}},
+        "lora": {"rag_f1": {"num": bern(0.6), "den": None}, "ifeval_prompt_strict": {"num": bern(0.3), "den": None},
+                 "general_collapse": {"num": bern(0.5), "den": None},
+                 "shift_general_input": {"num": [0.5] * n, "den": [10.0] * n}},
+        "selfaug": {"rag_f1": {"num": bern(0.58), "den": None},
+                    "ifeval_prompt_strict": {"num": bern(0.75), "den": None},
+                    "general_collapse": {"num": bern(0.05), "den": None},
+                    "shift_general_input": {"num": [0.2] * n, "den": [10.0] * n}},
+    }
+    methods = {m: {k: sum(v["num"]) / sum(v["den"] or [1.0] * n) for k, v in per.items()} for m, per in items.items()}
+    methods["base"]["shift_general_input"] = 0.0
+    return {"methods": methods, "items": items,
+            "samples": {"lora": {"generation": {"ifeval": {"n": n, "hit_cap": 7, "max_new_tokens": 256}}},
+                        "base": {"generation": {"ifeval": {"n": n, "hit_cap": 2, "max_new_tokens": 256}}}}}
+
+
+def test_intervals_forgetting_and_pairs_in_report(tmp_path):
+    res = _items_results()
+    write_report(res, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    iv = summary["intervals"]
+    # per-metric intervals in shown units (x100), containing the estimate, ~ +-5.5 points for p=0.8, n=200
+    base_if = iv["metrics"]["ifeval_prompt_strict"]["base"]
+    assert base_if["estimate"] == pytest.approx(80.0) and base_if["low"] < 80 < base_if["high"]
+    assert 4.0 < (base_if["high"] - base_if["low"]) / 2 < 7.0 and base_if["n"] == 200
+    # forgetting (method - base): LoRA's drop excludes 0
+    lora_drop = iv["vs_base"]["ifeval_prompt_strict"]["lora"]
+    assert lora_drop["estimate"] == pytest.approx(-50.0) and lora_drop["high"] < 0 and lora_drop["excludes_zero"]
+    assert iv["vs_base"]["rag_f1"]["selfaug"]["excludes_zero"]
+    pair = iv["pairs"]["ifeval_prompt_strict"]["selfaug vs lora"]
+    assert pair["estimate"] == pytest.approx(45.0) and pair["excludes_zero"]
+    shift_pair = iv["pairs"]["shift_general_input"]["selfaug vs lora"]
+    assert shift_pair["estimate"] == pytest.approx(-0.03) and shift_pair["low"] == pytest.approx(-0.03)
+    assert "base" not in iv["metrics"]["shift_general_input"]  # no items: no interval, no vs-base row
+    report = (tmp_path / "report.md").read_text()
+    assert "## Uncertainty" in report and "### Change from Base: downstream gain and forgetting" in report
+    row = next(line for line in report.splitlines() if line.startswith("| IFEval (prompt, strict) ↑ | -50.00"))
+    assert row.count("*") == 2  # both methods' changes are significant here
+    assert "SelfAug − LoRA" in report
+    assert "ifeval (budget 256 tokens): Base 2/200, LoRA 7/200" in report
+    assert "tradeoff.png" in summary["plots"]
+    _assert_png(tmp_path / "tradeoff.png")
+    _assert_png(tmp_path / "comparison.png")
+
+
+def test_tradeoff_and_comparison_leave_out_all_zero_panels(tmp_path):
+    from selfaug_jax.eval import report_plots
+
+    iv = {"vs_base": {"rag_f1": {"lora": {"estimate": 0.0, "low": 0.0, "high": 0.0}},
+                      "ifeval_prompt_strict": {"lora": {"estimate": 0.0, "low": 0.0, "high": 0.0}}}}
+    assert report_plots.plot_tradeoff(iv, tmp_path / "t.png", "rag_f1", [("ifeval_prompt_strict", "IFEval")]) is None
+    table = {"methods": ["base", "lora"], "average": {"values": {"base": None, "lora": None}},
+             "rows": [{"metric": "shift_general_input", "label": "KL", "higher_is_better": False,
+                       "values": {"base": 0.0, "lora": 0.0}}]}
+    assert report_plots.plot_comparison(table, tmp_path / "c.png") is None

@@ -116,7 +116,9 @@ def test_empty_regions_give_zero_not_nan(models):
     got = token_kl_stats(original, perturbed, [bt])
     assert got["response_kl"] == 0.0 and got["n_response_tokens"] == 0 and got["input_kl"] > 0
     empty = token_kl_stats(original, perturbed, [])
-    assert empty == {"input_kl": 0.0, "response_kl": 0.0, "n_input_tokens": 0, "n_response_tokens": 0}
+    assert empty == {"input_kl": 0.0, "response_kl": 0.0, "n_input_tokens": 0, "n_response_tokens": 0,
+                     "per_example": {"input_kl_sum": [], "n_input_tokens": [], "response_kl_sum": [],
+                                     "n_response_tokens": []}}
 
 
 def test_padding_with_region_is_rejected(models):
@@ -189,3 +191,41 @@ def test_reference_cache_reuses_and_invalidates(models):
     other = token_kl_stats(copy, perturbed, batches, reference_cache=cache)
     assert (cache.hits, cache.misses) == (2, 4) and other == first
     assert token_kl_stats(original, perturbed, batches, reference_cache=None) == first
+
+
+def test_per_example_sums_match_numpy_rows_in_prompt_order(models):
+    """Per-prompt KL sums and counts (what the bootstrap resamples) equal a float64 per-row reference, in prompt
+    order (``row_index_b``, not batch order); dummy rows (-1) are left out; they add up to the pooled sums."""
+    original, perturbed, _ = models
+    batches = _batches(2)
+    batches[0]["row_index_b"] = np.array([3, 0, -1])  # row 2 is the dummy row
+    batches[1]["row_index_b"] = np.array([2, 1])
+    got = token_kl_stats(original, perturbed, batches)
+    per = got["per_example"]
+    ref_sums, ref_counts = {}, {}
+    for bt in batches:
+        lo = np.asarray(original(bt["input_ids_bt"], attention_mask=bt["attention_mask_bt"]), np.float64)
+        lf = np.asarray(perturbed(bt["input_ids_bt"], attention_mask=bt["attention_mask_bt"]), np.float64)
+        lpo = lo - lo.max(-1, keepdims=True)
+        lpo = lpo - np.log(np.exp(lpo).sum(-1, keepdims=True))
+        lpf = lf - lf.max(-1, keepdims=True)
+        lpf = lpf - np.log(np.exp(lpf).sum(-1, keepdims=True))
+        kl = (np.exp(lpo) * (lpo - lpf)).sum(-1)
+        for r, i in enumerate(bt["row_index_b"]):
+            if i >= 0:
+                ref_sums[i] = [kl[r][bt["region_bt"][r] == g].sum() for g in (REGION_INPUT, REGION_RESPONSE)]
+                ref_counts[i] = [int((bt["region_bt"][r] == g).sum()) for g in (REGION_INPUT, REGION_RESPONSE)]
+    assert sorted(ref_sums) == [0, 1, 2, 3]
+    assert per["n_input_tokens"] == [ref_counts[i][0] for i in range(4)]
+    assert per["n_response_tokens"] == [ref_counts[i][1] for i in range(4)]
+    np.testing.assert_allclose(per["input_kl_sum"], [ref_sums[i][0] for i in range(4)], rtol=5e-5)
+    np.testing.assert_allclose(per["response_kl_sum"], [ref_sums[i][1] for i in range(4)], rtol=5e-5, atol=1e-9)
+    assert got["input_kl"] == pytest.approx(sum(per["input_kl_sum"]) / sum(per["n_input_tokens"]), rel=1e-6)
+
+
+def test_build_batches_row_index(tokenizer):
+    prompts = ["Hi", "Tell me a long story about a dragon and a knight who become friends.", "Why?"]
+    batches = build_shift_batches(tokenizer, prompts, None, ShiftConfig(batch_size=2, buckets=(32, 64),
+                                                                        max_length=64))
+    assert [b["row_index_b"].tolist() for b in batches] == [[1, 0], [2, -1]] or \
+        [b["row_index_b"].tolist() for b in batches] == [[1, 2], [0, -1]]

@@ -3,15 +3,16 @@
 Both sets are built deterministically from the hand-written ``assets/probes/sources.yaml`` and
 committed as JSONL under ``selfaug_jax/data/assets/probes/``:
 
-* ``ifeval_probes.jsonl`` (200 lines): ``{"id", "prompt", "instructions": [{"type", "kwargs"}]}``.
+* ``ifeval_probes.jsonl`` (300 lines): ``{"id", "prompt", "instructions": [{"type", "kwargs"}]}``.
   Each prompt is an everyday request followed by 1 to 3 constraint sentences; instruction types and
   kwargs are those of :mod:`selfaug_jax.eval.ifeval` (IFEval ids). Every type is the *first*
-  constraint of 10 prompts (so each type appears at least 10 times); extra constraints are drawn at
+  constraint of 15 prompts (so each type appears at least 15 times); extra constraints are drawn at
   random among those compatible with the ones already chosen (:data:`CONFLICTS`).
   ``combination:repeat_prompt`` is always alone (its ``prompt_to_repeat`` is the request).
 * ``general_prompts.jsonl`` (200 lines): ``{"id", "prompt", "category"}`` with categories explain,
   summarise (a short text is given), list, rewrite, math (short word problems), classify, translate.
   Used to measure distribution shift on ordinary instructions.
+* ``knowledge_mc.jsonl`` (197 lines, hand-written, not generated): see :data:`KNOWLEDGE_MC_PATH`.
 
 Regenerate with ``python -m selfaug_jax.data.probes [--out DIR]``; the output is a pure function of
 ``seed`` and the sources file.
@@ -33,6 +34,11 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "probes"
 SOURCES_PATH = ASSETS_DIR / "sources.yaml"
 IFEVAL_FILE = "ifeval_probes.jsonl"
 GENERAL_FILE = "general_prompts.jsonl"
+KNOWLEDGE_MC_PATH = ASSETS_DIR / "knowledge_mc.jsonl"
+"""197 four-option general-knowledge questions (geography, science, history, language, arithmetic, everyday
+facts), written by hand for this project; ARC layout (``question``, ``choices.text/label``, ``answerKey``), gold
+positions spread evenly over A-D. Scored by log-likelihood (:mod:`selfaug_jax.eval.multiple_choice`) as the
+evaluation suite's ``knowledge_acc`` / ``knowledge_acc_norm``."""
 GENERAL_CATEGORIES = ("explain", "summarise", "list", "rewrite", "math", "classify", "translate")
 
 # ------------------------------------------------------------------------------ IFEval-style probes
@@ -163,7 +169,7 @@ def _build(rng: random.Random, short: str, task: dict) -> tuple[str, dict]:
     raise ValueError(f"unknown instruction {short!r}")
 
 
-def generate_ifeval_probes(seed: int = 0, n: int = 200, sources: dict | None = None) -> list[dict]:
+def generate_ifeval_probes(seed: int = 0, n: int = 300, sources: dict | None = None) -> list[dict]:
     """``n`` IFEval-style probe records (see the module docstring)."""
     src = sources or load_sources()
     rng = random.Random(f"selfaug-ifeval-probes-{seed}")

@@ -18,6 +18,10 @@ Results schema (``SCHEMA_VERSION = 1``; every key but ``methods`` is optional)::
         "lora": [{"step": 10, "loss": 1.2, "ce": 1.2, "kl": 0.0, "lr": 5e-4, "grad_norm": 0.8,
                   "tokens_per_s": 1e4}, ...],
       },
+      "items": {                            # optional per-item values -> 95% bootstrap intervals (report_intervals)
+        "lora": {"rag_em": {"num": [1, 0, ...], "den": null}, "ifeval_inst_strict": {"num": [...], "den": [...]}},
+      },
+      "samples": {"lora": {"generation": {"ifeval": {"n": 300, "hit_cap": 4, "max_new_tokens": 256}}}},
       "evals_over_training": {              # periodic evals (paper Fig. 2); "epoch" optional
         "lora": [{"step": 100, "epoch": 1, "shift_general_input": 0.03, "ifeval_prompt_strict": 0.65,
                   "rag_f1": 0.4}, ...],
@@ -46,6 +50,8 @@ from typing import Any
 import numpy as np
 
 from selfaug_jax.eval import report_plots
+from selfaug_jax.eval.report_intervals import compute_intervals, render_interval_tables
+from selfaug_jax.eval.stats import BootstrapConfig
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -127,6 +133,10 @@ DEFAULT_METRIC_INFO: dict[str, MetricInfo] = {
     "arc_c_acc_norm": _pct("ARC-C", "general", True),
     "hellaswag_acc_norm": _pct("HellaSwag", "general", True),
     "general_probe_acc": _pct("General probes", "general", True),
+    "knowledge_acc": _pct("Knowledge MC (acc)", "general"),
+    "knowledge_acc_norm": _pct("Knowledge MC (acc_norm)", "general"),
+    "general_collapse": MetricInfo("General answers collapsed (<= 5 words)", False, "general", scale=100.0),
+    "general_length_ratio": MetricInfo("General answer length / base", True, "general", decimals=2),
     "shift_general_input": _kl("KL on general inputs"),
     "shift_general_response": _kl("KL on general responses"),
     "shift_rag_input": _kl("KL on RAG inputs"),
@@ -174,6 +184,18 @@ def validate_results(results: Mapping[str, Any]) -> None:
             for i, rec in enumerate(records):
                 if not isinstance(rec, Mapping) or not _is_number(rec.get("step", rec.get("epoch"))):
                     raise ValueError(f"{_path(section, m, i)}: expected a record with a numeric 'step' (or 'epoch')")
+    items = results.get("items", {})
+    if not isinstance(items, Mapping):
+        raise ValueError(f"{_path('items')}: expected a mapping method -> metric -> {{num, den}}")
+    for m, per in items.items():
+        if not isinstance(per, Mapping):
+            raise ValueError(f"{_path('items', m)}: expected a mapping metric -> {{num, den}}")
+        for k, v in per.items():
+            if not isinstance(v, Mapping) or not isinstance(v.get("num"), Sequence) or not (
+                    v.get("den") is None or isinstance(v.get("den"), Sequence)):
+                raise ValueError(f"{_path('items', m, k)}: expected {{'num': [numbers], 'den': [numbers] | null}}")
+            if v.get("den") is not None and len(v["den"]) != len(v["num"]):
+                raise ValueError(f"{_path('items', m, k)}: {len(v['num'])} num values but {len(v['den'])} den values")
     if "wall_time_s" in results and results["wall_time_s"] is not None and not _is_number(results["wall_time_s"]):
         raise ValueError(f"{_path('wall_time_s')}: expected a number")
 
@@ -302,10 +324,20 @@ def findings(
     compare: tuple[str, str] = ("selfaug", "lora"),
     shift_key: str = "shift_general_input",
     ifeval_key: str = "ifeval_prompt_strict",
+    intervals: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Bullet points computed from the numbers: ``compare[0]`` vs ``compare[1]`` per row, forgetting vs Base,
-    the Average, and the shift/IFEval correlation over training. Pairs that are not both present are skipped."""
+    the Average, and the shift/IFEval correlation over training. Pairs that are not both present are skipped.
+    With ``intervals`` (:func:`~selfaug_jax.eval.report_intervals.compute_intervals`), each comparison says whether
+    its paired 95% interval excludes 0."""
     out: list[str] = []
+
+    def sig(metric: str, section: str, key: str, d: int) -> str:
+        iv = ((intervals or {}).get(section, {}).get(metric) or {}).get(key)
+        if not iv:
+            return ""
+        verdict = "excludes 0" if iv["excludes_zero"] else "includes 0: not significant"
+        return f" [95% interval {iv['low']:+.{d}f} to {iv['high']:+.{d}f}, {verdict}]"
     new, old = compare
     methods = table["methods"]
     if new in methods and old in methods:
@@ -319,12 +351,13 @@ def findings(
                 rel = f" ({abs(delta) / abs(b) * 100:.0f}% {'lower' if delta < 0 else 'higher'})" if b else ""
                 word = "less" if delta < 0 else ("more" if delta > 0 else "the same")
                 out.append(f"{row['label']}: {_label(new)} {_fmt(a, d)} vs {_label(old)} {_fmt(b, d)}{rel} — "
-                           f"{_label(new)} drifts {word} from the original model on these prompts.")
+                           f"{_label(new)} drifts {word} from the original model on these prompts"
+                           f"{sig(row['metric'], 'pairs', f'{new} vs {old}', d)}.")
             else:
                 better = (delta > 0) == row["higher_is_better"] and delta != 0
                 verdict = "better" if better else ("worse" if delta != 0 else "equal")
                 out.append(f"{row['label']}: {_label(new)} {_fmt(a, d)} vs {_label(old)} {_fmt(b, d)} "
-                           f"({delta:+.{d}f}, {verdict}).")
+                           f"({delta:+.{d}f}, {verdict}){sig(row['metric'], 'pairs', f'{new} vs {old}', d)}.")
         avg = table["average"]["values"]
         if avg.get(new) is not None and avg.get(old) is not None:
             out.append(f"Average over {len(table['average']['metrics'])} metrics: {_label(new)} {avg[new]:.2f} vs "
@@ -339,7 +372,7 @@ def findings(
             if not drops:
                 continue
             d = row["decimals"]
-            parts = ", ".join(f"{_label(m)} {-v:+.{d}f}" for m, v in drops.items())
+            parts = ", ".join(f"{_label(m)} {-v:+.{d}f}{sig(row['metric'], 'vs_base', m, d)}" for m, v in drops.items())
             line = f"Forgetting on {row['label']} (change vs Base {_fmt(base, d)}): {parts}."
             if drops.get(old, 0) > 0 and new in drops:
                 kept = 100.0 * (1.0 - drops[new] / drops[old])
@@ -380,6 +413,25 @@ def resolve_scale(results: Mapping[str, Any], metric: str) -> float:
     return DEFAULT_METRIC_INFO[metric].scale if metric in DEFAULT_METRIC_INFO else 1.0
 
 
+def _generation_lines(results: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    """One line per evaluation part: how many answers hit the token budget, per method (from the samples)."""
+    samples = results.get("samples") or {}
+    parts: dict[str, list[str]] = {}
+    for m in order:
+        for part, g in ((samples.get(m) or {}).get("generation") or {}).items():
+            if isinstance(g, Mapping) and _is_number(g.get("n")) and g.get("n"):
+                parts.setdefault(part, []).append(
+                    f"{_label(m)} {int(g['hit_cap'])}/{int(g['n'])}")
+    if not parts:
+        return []
+    budgets = {part: next(((samples.get(m) or {}).get("generation", {}).get(part, {}).get("max_new_tokens")
+                           for m in order if (samples.get(m) or {}).get("generation", {}).get(part)), None)
+               for part in parts}
+    out = ["Answers that hit the generation budget (and may be cut), per part: " + "; ".join(
+        f"{part} (budget {budgets[part]} tokens): {', '.join(v)}" for part, v in parts.items()) + ".", ""]
+    return out
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -405,18 +457,33 @@ def write_report(
     shift_key: str = "shift_general_input",
     ifeval_key: str = "ifeval_prompt_strict",
     title: str = "SelfAug experiment report",
+    bootstrap: BootstrapConfig = BootstrapConfig(),
+    tradeoff_downstream: str = "rag_f1",
+    tradeoff_general: Sequence[str] = ("ifeval_prompt_strict", "general_collapse", "knowledge_acc_norm",
+                                       "general_length_ratio"),
 ) -> str:
     """Write ``summary.json``, ``report.md`` and the PNGs into ``out_dir``; return the markdown table.
 
-    Plots: ``curves.png`` (CE and KL vs step), ``shift_vs_ifeval.png`` (paper Fig. 2 style) and
-    ``comparison.png`` (bars per metric and method). A plot whose data is absent is skipped and listed under
-    "Skipped" in the report.
+    Plots: ``curves.png`` (CE and KL vs step), ``shift_vs_ifeval.png`` (paper Fig. 2 style),
+    ``comparison.png`` (bars per metric and method, with interval error bars) and ``tradeoff.png`` (each method at
+    (gain on ``tradeoff_downstream``, change on each ``tradeoff_general`` metric) from base, both with paired
+    intervals). A plot whose data is absent is skipped and listed under "Skipped" in the report.
+
+    With ``results["items"]``, every metric gets a bootstrap interval (``bootstrap``), and the report adds the
+    change from base (downstream gain / forgetting) and method-vs-method paired differences
+    (:mod:`selfaug_jax.eval.report_intervals`); ``summary.json`` keeps them under ``intervals``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = build_table(results, reference_methods)
+    intervals = None
+    if results.get("items"):
+        scales = {k: v.scale for k, v in resolve_metric_info(results).items()}
+        intervals = compute_intervals(results["items"], table["methods"], scales, bootstrap,
+                                      reference=reference_methods[0] if reference_methods else "base")
+    notes = findings(results, table, compare, shift_key, ifeval_key, intervals)
     md_table = render_table(table)
-    notes = findings(results, table, compare, shift_key, ifeval_key)
+
     infos = resolve_metric_info(results)
     order = ordered_methods(list(results["methods"]))
     plots = {
@@ -425,7 +492,13 @@ def write_report(
             results.get("evals_over_training") or {}, out / "shift_vs_ifeval.png", order,
             shift_key=shift_key, ifeval_key=ifeval_key, ifeval_scale=resolve_scale(results, ifeval_key),
             label=_label),
-        "comparison.png": report_plots.plot_comparison(table, out / "comparison.png", _label),
+        "comparison.png": report_plots.plot_comparison(table, out / "comparison.png", _label, intervals),
+        "tradeoff.png": report_plots.plot_tradeoff(
+            intervals or {}, out / "tradeoff.png", tradeoff_downstream,
+            [(k, resolve_metric_info(results)[k].label) for k in tradeoff_general
+             if k in resolve_metric_info(results)], order, _label,
+            downstream_label=DEFAULT_METRIC_INFO[tradeoff_downstream].label
+            if tradeoff_downstream in DEFAULT_METRIC_INFO else tradeoff_downstream),
     }
     summary = {
         "schema_version": SCHEMA_VERSION,
@@ -433,6 +506,7 @@ def write_report(
         "metric_info": {k: dataclasses.asdict(v) for k, v in infos.items()},
         "table": table,
         "findings": notes,
+        "intervals": intervals,
         "plots": [name for name, p in plots.items() if p is not None],
     }
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
@@ -447,7 +521,13 @@ def write_report(
               f"Bold = best among {', '.join(_label(m) for m in order if m not in reference_methods)}; "
               "↑/↓ = higher/lower is better; — = not measured. Accuracies in %, "
               "shift = mean per-token KL (nats).",
-              "", "## What this shows", ""]
+              ""]
+    lines += _generation_lines(results, order)
+    if intervals is not None:
+        lines += ["## Uncertainty", ""] + render_interval_tables(intervals, table["rows"], order, _label,
+                                                                reference_methods[0] if reference_methods else "base")
+        lines.append("")
+    lines += ["## What this shows", ""]
     lines += [f"- {n}" for n in notes] or ["- Not enough methods or metrics to compare."]
     made = [name for name, p in plots.items() if p is not None]
     if made:

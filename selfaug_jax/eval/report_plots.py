@@ -1,6 +1,8 @@
 """PNG plots for :mod:`selfaug_jax.eval.report` (matplotlib, Agg backend, no display needed).
 
 Each function returns the written path, or ``None`` when its data is absent (the caller lists it as skipped).
+Where the report has bootstrap intervals (:mod:`selfaug_jax.eval.report_intervals`) they are drawn as error bars;
+panels where every value is 0 (e.g. the base model's shift only) are left out.
 Methods keep one colour across all plots (tab10, by their position in the report's method order).
 """
 
@@ -16,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_curves", "plot_shift_vs_ifeval", "plot_comparison"]
+__all__ = ["plot_curves", "plot_shift_vs_ifeval", "plot_comparison", "plot_tradeoff"]
 
 
 def _num(x: Any) -> bool:
@@ -107,11 +109,23 @@ def plot_shift_vs_ifeval(
     return _save(fig, Path(path))
 
 
+def _yerr(iv: Mapping[str, Any] | None, value: float) -> tuple[float, float]:
+    """Asymmetric error bar (below, above) of an interval dict around ``value``; (0, 0) without one."""
+    if not iv or not _num(iv.get("low")) or not _num(iv.get("high")):
+        return 0.0, 0.0
+    return max(0.0, value - float(iv["low"])), max(0.0, float(iv["high"]) - value)
+
+
 def plot_comparison(table: Mapping[str, Any], path: str | Path,
-                    label: Callable[[str], str] = str) -> Path | None:
-    """``comparison.png``: one small panel per metric (own y scale), one bar per method, shown values."""
+                    label: Callable[[str], str] = str,
+                    intervals: Mapping[str, Any] | None = None) -> Path | None:
+    """``comparison.png``: one small panel per metric (own y scale), one bar per method, shown values, with the
+    bootstrap intervals (``intervals["metrics"]``, shown units) as error bars; all-zero panels are left out."""
     methods = table["methods"]
-    rows = [r for r in table["rows"] if any(r["values"][m] is not None for m in methods)]
+    per_metric = (intervals or {}).get("metrics", {})
+    rows = [r for r in table["rows"]
+            if any(r["values"][m] is not None for m in methods)
+            and any(r["values"][m] not in (None, 0.0) for m in methods)]
     avg = table["average"]
     if any(v is not None for v in avg["values"].values()):
         rows.append({"label": "Average", "higher_is_better": True, "values": avg["values"]})
@@ -123,7 +137,10 @@ def plot_comparison(table: Mapping[str, Any], path: str | Path,
     for ax, row in zip(axes.flat, rows):
         vals = [row["values"][m] for m in methods]
         heights = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
-        bars = ax.bar(range(len(methods)), heights, color=[_color(m, methods) for m in methods])
+        ivs = per_metric.get(row.get("metric"), {})
+        errs = [_yerr(ivs.get(m), h) for m, h in zip(methods, heights)]
+        bars = ax.bar(range(len(methods)), heights, color=[_color(m, methods) for m in methods],
+                      yerr=[[e[0] for e in errs], [e[1] for e in errs]] if ivs else None, capsize=3)
         for bar, v in zip(bars, vals):
             if v is None:
                 bar.set_hatch("//")
@@ -133,4 +150,38 @@ def plot_comparison(table: Mapping[str, Any], path: str | Path,
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
+    return _save(fig, Path(path))
+
+
+def plot_tradeoff(intervals: Mapping[str, Any], path: str | Path, downstream: str,
+                  general: Sequence[tuple[str, str]], order: Sequence[str] = (),
+                  label: Callable[[str], str] = str, downstream_label: str = "") -> Path | None:
+    """``tradeoff.png`` (the headline): each method at (downstream gain over base, change from base of a general
+    metric), both with their paired bootstrap intervals as error bars; one panel per general metric
+    (``general`` = ``[(metric, axis label)]``) that has a non-zero value; dashed lines at 0 (= the base model)."""
+    vs = intervals.get("vs_base", {})
+    x_by_m = vs.get(downstream, {})
+    panels = []
+    for metric, ylabel in general:
+        y_by_m = vs.get(metric, {})
+        methods = [m for m in list(order) + [m for m in y_by_m if m not in order] if m in y_by_m and m in x_by_m]
+        if methods and any(y_by_m[m]["estimate"] != 0 or x_by_m[m]["estimate"] != 0 for m in methods):
+            panels.append((metric, ylabel, methods, y_by_m))
+    if not panels:
+        return None
+    colours = list(order) + [m for p in panels for m in p[2] if m not in order]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (metric, ylabel, methods, y_by_m) in zip(axes[0], panels):
+        for m in methods:
+            x, y = x_by_m[m]["estimate"], y_by_m[m]["estimate"]
+            xe, ye = _yerr(x_by_m[m], x), _yerr(y_by_m[m], y)
+            ax.errorbar([x], [y], xerr=[[xe[0]], [xe[1]]], yerr=[[ye[0]], [ye[1]]], fmt="o", capsize=4,
+                        color=_color(m, colours), label=label(m))
+        ax.axhline(0, color="grey", ls="--", lw=1)
+        ax.axvline(0, color="grey", ls="--", lw=1)
+        ax.set_xlabel(f"downstream gain over base: {downstream_label or downstream}")
+        ax.set_ylabel(f"change from base: {ylabel}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Trade-off: downstream gain vs change in general capability (95% intervals)", fontsize=10)
     return _save(fig, Path(path))

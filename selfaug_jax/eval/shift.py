@@ -161,7 +161,8 @@ def build_shift_batches(tokenizer: Any, prompts: Sequence[ChatPrompt], responses
     Returns:
       Batches (dicts) with ``input_ids_bt`` / ``attention_mask_bt`` / ``region_bt`` int32 ``[batch_size, L]``
       (``L`` a bucket), plus ``n_rows`` (real rows; the rest are dummy rows with region 0 everywhere) and
-      ``n_truncated`` (rows of this batch that were cut to ``max_length``). Rows are sorted by length, longest
+      ``n_truncated`` (rows of this batch that were cut to ``max_length``) and ``row_index_b`` (the prompt index of
+      each row, -1 for dummy rows). Rows are sorted by length, longest
       first, so each batch pads little.
     """
     if responses is not None and len(responses) != len(prompts):
@@ -201,8 +202,10 @@ def build_shift_batches(tokenizer: Any, prompts: Sequence[ChatPrompt], responses
             mask_bt[r, :n] = 1
             region_bt[r, :n_p] = REGION_INPUT
             region_bt[r, n_p:n] = REGION_RESPONSE
+        row_index_b = np.full((config.batch_size,), -1, np.int64)
+        row_index_b[:len(idx)] = idx
         batches.append(dict(input_ids_bt=ids_bt, attention_mask_bt=mask_bt, region_bt=region_bt, n_rows=len(idx),
-                            n_truncated=sum(rows[i][2] for i in idx)))
+                            n_truncated=sum(rows[i][2] for i in idx), row_index_b=row_index_b))
     return batches
 
 
@@ -214,26 +217,28 @@ def _hidden_impl(graphdef: Any, state: Any, ids_bt: jax.Array, mask_bt: jax.Arra
 
 def _kl_impl(graphdef_f: Any, graphdef_o: Any, state_f: Any, state_o: Any, h_f_btd: jax.Array, h_o_btd: jax.Array,
              region_bt: jax.Array, *, chunk_t: int) -> tuple[jax.Array, jax.Array]:
-    """Sums of per-token KL(p_o || p_f) over region 1 and region 2 (float32 ``[2]``) and the counts (int32 ``[2]``).
+    """Per-row sums of per-token KL(p_o || p_f) over region 1 and region 2 (float32 ``[B, 2]``) and the per-row
+    counts (int32 ``[B, 2]``).
 
     The LM heads are applied ``chunk_t`` positions at a time inside a ``lax.scan`` (only the heads of the two states
     are read; XLA drops the rest of the merged models).
     """
     w_f_dv = nnx.merge(graphdef_f, state_f).lm_head_weight().astype(h_f_btd.dtype)
     w_o_dv = nnx.merge(graphdef_o, state_o).lm_head_weight().astype(h_o_btd.dtype)
-    def body(acc_2, xs):
+    def body(acc_b2, xs):
         hf_btd, ho_btd, reg_bt = xs
         logp_f_btv = jax.nn.log_softmax(jnp.dot(hf_btd, w_f_dv, preferred_element_type=jnp.float32), axis=-1)
         logp_o_btv = jax.nn.log_softmax(jnp.dot(ho_btd, w_o_dv, preferred_element_type=jnp.float32), axis=-1)
         kl_bt = jnp.sum(jnp.exp(logp_o_btv) * (logp_o_btv - logp_f_btv), axis=-1)
-        sums_2 = jnp.stack([jnp.sum(jnp.where(reg_bt == REGION_INPUT, kl_bt, 0.0)),
-                            jnp.sum(jnp.where(reg_bt == REGION_RESPONSE, kl_bt, 0.0))])
-        return acc_2 + sums_2, None
+        sums_b2 = jnp.stack([jnp.sum(jnp.where(reg_bt == REGION_INPUT, kl_bt, 0.0), axis=-1),
+                             jnp.sum(jnp.where(reg_bt == REGION_RESPONSE, kl_bt, 0.0), axis=-1)], axis=-1)
+        return acc_b2 + sums_b2, None
 
     xs = (to_chunks(h_f_btd, chunk_t), to_chunks(h_o_btd, chunk_t), to_chunks(region_bt, chunk_t, REGION_PAD))
-    kl_2, _ = jax.lax.scan(body, jnp.zeros((2,), jnp.float32), xs)
-    counts_2 = jnp.stack([jnp.sum(region_bt == REGION_INPUT), jnp.sum(region_bt == REGION_RESPONSE)])
-    return kl_2, counts_2.astype(jnp.int32)
+    kl_b2, _ = jax.lax.scan(body, jnp.zeros((region_bt.shape[0], 2), jnp.float32), xs)
+    counts_b2 = jnp.stack([jnp.sum(region_bt == REGION_INPUT, axis=-1), jnp.sum(region_bt == REGION_RESPONSE, axis=-1)],
+                          axis=-1)
+    return kl_b2, counts_b2.astype(jnp.int32)
 
 
 _JITTED: list[tuple[tuple[Any, ...], Callable[..., Any]]] = []  # ((kind, *graphdefs), fn), most recent last
@@ -327,8 +332,11 @@ def token_kl_stats(original_model: Any | None, finetuned_model: Any, batches: It
         ``None`` = recompute every time).
 
     Returns:
-      ``{"input_kl", "response_kl"}`` (float, 0.0 for an empty region) and ``{"n_input_tokens",
-      "n_response_tokens"}`` (int). Sums are accumulated across batches in float64.
+      ``{"input_kl", "response_kl"}`` (float, 0.0 for an empty region), ``{"n_input_tokens",
+      "n_response_tokens"}`` (int), and ``per_example`` = ``{"input_kl_sum", "n_input_tokens", "response_kl_sum",
+      "n_response_tokens"}`` lists in prompt order (for batches that carry ``row_index_b``, as
+      :func:`build_shift_batches`'s do; the bootstrap of :mod:`selfaug_jax.eval.stats` resamples these prompts).
+      Sums are accumulated across batches in float64.
     """
     if original_model is finetuned_model:
         original_model = None
@@ -337,6 +345,7 @@ def token_kl_stats(original_model: Any | None, finetuned_model: Any, batches: It
                          f"{finetuned_model.config.vocab_size})")
     kl_sum = np.zeros(2, np.float64)
     counts = np.zeros(2, np.int64)
+    per_row: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # prompt index -> (kl sums [2], counts [2])
     if original_model is not None:
         graphdef_f, state_f = nnx.split(finetuned_model)
         graphdef_o, state_o = nnx.split(original_model)
@@ -352,18 +361,31 @@ def token_kl_stats(original_model: Any | None, finetuned_model: Any, batches: It
                              f"region_bt {region_bt.shape} must be equal [B, L] shapes")
         if np.any((region_bt != REGION_PAD) & (mask_bt == 0)):
             raise ValueError("token_kl_stats: a padding position (attention_mask 0) has a non-zero region")
+        counts_b2 = np.stack([np.sum(region_bt == REGION_INPUT, -1), np.sum(region_bt == REGION_RESPONSE, -1)], -1)
         if original_model is None:
-            counts += [np.sum(region_bt == REGION_INPUT), np.sum(region_bt == REGION_RESPONSE)]
-            continue
-        h_o_btd = cache.hidden(graphdef_o, state_o, ids_bt, mask_bt)
-        h_f_btd = hidden_f(state_f, jnp.asarray(ids_bt), jnp.asarray(mask_bt))
-        chunk_t = max(1, min(ids_bt.shape[1], chunk_tokens // ids_bt.shape[0]))
-        kl_2, counts_2 = jax.device_get(kl_fn(state_f, state_o, h_f_btd, h_o_btd, jnp.asarray(region_bt), chunk_t))
-        kl_sum += np.asarray(kl_2, np.float64)
-        counts += np.asarray(counts_2, np.int64)
+            kl_b2 = np.zeros(counts_b2.shape, np.float64)
+        else:
+            h_o_btd = cache.hidden(graphdef_o, state_o, ids_bt, mask_bt)
+            h_f_btd = hidden_f(state_f, jnp.asarray(ids_bt), jnp.asarray(mask_bt))
+            chunk_t = max(1, min(ids_bt.shape[1], chunk_tokens // ids_bt.shape[0]))
+            kl_b2, counts_b2 = jax.device_get(kl_fn(state_f, state_o, h_f_btd, h_o_btd, jnp.asarray(region_bt),
+                                                    chunk_t))
+        kl_b2, counts_b2 = np.asarray(kl_b2, np.float64), np.asarray(counts_b2, np.int64)
+        kl_sum += kl_b2.sum(0)
+        counts += counts_b2.sum(0)
+        rows_b = batch.get("row_index_b")
+        if rows_b is not None:
+            for r, i in enumerate(np.asarray(rows_b)):
+                if i >= 0:
+                    per_row[int(i)] = (kl_b2[r], counts_b2[r])
     means = [float(s / c) if c else 0.0 for s, c in zip(kl_sum, counts)]
+    order = sorted(per_row)
     return {"input_kl": means[0], "response_kl": means[1], "n_input_tokens": int(counts[0]),
-            "n_response_tokens": int(counts[1])}
+            "n_response_tokens": int(counts[1]),
+            "per_example": {"input_kl_sum": [float(per_row[i][0][0]) for i in order],
+                            "n_input_tokens": [int(per_row[i][1][0]) for i in order],
+                            "response_kl_sum": [float(per_row[i][0][1]) for i in order],
+                            "n_response_tokens": [int(per_row[i][1][1]) for i in order]}}
 
 
 def measure_shift(original_model: Any | None, finetuned_model: Any, tokenizer: Any, prompts: Sequence[ChatPrompt],

@@ -18,12 +18,19 @@ What is measured (keys follow :data:`selfaug_jax.eval.report.DEFAULT_METRIC_INFO
   unanswerable examples (None when the subset has none), ``rag_false_refusal`` the refusal rate on answerable ones.
 * **IFEval** (``ifeval_{prompt,inst}_{strict,loose}``): greedy responses (``max_new_tokens_ifeval``) to the
   IFEval-style probes, scored by :func:`selfaug_jax.eval.ifeval.evaluate_ifeval`.
+* **General answers** (``general_collapse``, ``general_length_ratio``): greedy answers (``max_new_tokens_shift``)
+  to the general prompts; ``general_collapse`` = share of answers with at most ``collapse_words`` (5) words,
+  ``general_length_ratio`` = total words / the original model's total words on the same prompts (1 for the
+  original). These see a model that collapses to RAG-style fragments, which brevity-friendly IFEval checks (word or
+  sentence limits) reward. The original model's answers are :func:`reference_responses`' (generated once).
 * **Shift** (``shift_{general,rag}_{input,response}``): mean per-token KL(p_original || p_model) on the general
   prompts and on RAG prompts (the ``shift_rag_split`` of the default task, other examples than the RAG evaluation)
   followed by the *original* model's own greedy responses (:func:`reference_responses`); see
   :mod:`selfaug_jax.eval.shift`. Exactly 0 for the original model itself (no forward pass is run then); the
   original's hidden states are cached after the first measurement, so later evaluations only run the model.
-* **Multiple choice** (``{name}_acc``, ``{name}_acc_norm``), only for the files in ``config.mc_files``
+* **Knowledge** (``knowledge_acc``, ``knowledge_acc_norm``): the shipped 197-item four-option general-knowledge
+  probe (``data.probes.KNOWLEDGE_MC_PATH``), scored by log-likelihood like the files below (``n_knowledge``).
+* **Multiple choice** (``{name}_acc``, ``{name}_acc_norm``), for the files in ``config.mc_files``
   (``{"mmlu": path, "arc_c": path, "hellaswag": path}`` gives the report's ``mmlu_acc``, ``arc_c_acc_norm``,
   ``hellaswag_acc_norm``); see :mod:`selfaug_jax.eval.multiple_choice`.
 
@@ -31,7 +38,9 @@ Subsets are deterministic: each set is a seeded sample (``random.Random(f"{seed}
 kept in file order, or the whole set when ``n`` is None or larger than the set; RAG samples are stratified on
 answerable / unanswerable (proportional, at least one of each when both exist and ``n >= 2``), so
 ``rag_refusal_acc`` is defined. ``n = 0`` skips a part (its keys are then absent). Within a part, prompts are
-generated in order of token length so batches pad little.
+generated in order of token length so batches pad little, each until its end-of-turn token or its budget
+(``samples["generation"]`` counts the answers that hit the budget). Every metric also comes per item
+(``samples["items"]``), so the report can put a bootstrap interval on it (:mod:`selfaug_jax.eval.stats`).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import dataclasses
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -50,15 +60,15 @@ import numpy as np
 from flax import nnx
 
 from selfaug_jax.data.default_task import load_default_task
-from selfaug_jax.data.probes import load_general_prompts, load_ifeval_probes
+from selfaug_jax.data.probes import KNOWLEDGE_MC_PATH, load_general_prompts, load_ifeval_probes
 from selfaug_jax.data.prompts import DocumentsTemplate, build_chat
 from selfaug_jax.data.schema import RagExample
 from selfaug_jax.eval.ifeval import evaluate_ifeval
 from selfaug_jax.eval.mc_readers import MCExample, load_mc_dataset
-from selfaug_jax.eval.multiple_choice import MCConfig, evaluate_multiple_choice
+from selfaug_jax.eval.multiple_choice import MCConfig, score_examples, summarize_scores
 from selfaug_jax.eval.rag_metrics import evaluate_rag, is_unanswerable
 from selfaug_jax.eval.shift import ShiftConfig, encode_prompt, measure_shift
-from selfaug_jax.models.generation import GenerationConfig, generate_text
+from selfaug_jax.models.generation import GenerationConfig, generate
 
 __all__ = ["PARTS", "EvalConfig", "EvalData", "EXTRA_METRIC_INFO", "select_subset", "rag_record", "rag_chat",
            "prepare_eval_data", "reference_responses", "evaluate_model"]
@@ -66,7 +76,7 @@ __all__ = ["PARTS", "EvalConfig", "EvalData", "EXTRA_METRIC_INFO", "select_subse
 logger = logging.getLogger(__name__)
 
 Chat = list[dict[str, str]]
-PARTS = ("rag", "ifeval", "shift", "mc")
+PARTS = ("rag", "ifeval", "general", "shift", "mc")
 """The parts of :func:`evaluate_model`, in run order."""
 
 EXTRA_METRIC_INFO: dict[str, dict[str, Any]] = {
@@ -90,11 +100,17 @@ class EvalConfig:
       n_shift_general: general prompts of the shift measurement.
       n_shift_rag: RAG prompts of the shift measurement.
       shift_rag_split: default-task split of the shift RAG prompts (another split than ``rag_split``).
-      max_new_tokens_rag / max_new_tokens_ifeval / max_new_tokens_shift: greedy budgets (the last one for the
-        original model's reference responses).
+      max_new_tokens_rag / max_new_tokens_ifeval / max_new_tokens_shift: greedy budgets; generation stops at the
+        end-of-turn token, so a budget only bounds answers that would run on (the count that hit it is reported).
+        ``max_new_tokens_shift`` is the budget of the answers to the general prompts: every model's (length /
+        collapse) and the original model's, which are also the shift measurement's reference responses.
+      collapse_words: a general answer with at most this many words (``\\w+`` runs) counts as collapsed.
+      n_knowledge: items of the shipped knowledge multiple-choice probe (``data.probes.KNOWLEDGE_MC_PATH``, 197
+        items; None = all, 0 = skip), scored like ``mc_files``.
       batch_size: rows per generation / forward batch.
-      prompt_bucket: generation pads prompts to a multiple of this (``GenerationConfig.prompt_bucket``); larger =
-        fewer compiled shapes, more padding.
+      generation_buckets: padded prompt lengths of generation batches (few compiled shapes; RAG prompts are
+        300-1300 tokens); prompts longer than the largest are padded to a multiple of ``prompt_bucket``.
+      prompt_bucket: see ``generation_buckets``.
       shift_max_length / shift_buckets: :class:`~selfaug_jax.eval.shift.ShiftConfig` length policy (buckets finer
         than ShiftConfig's default: RAG prompts are 300-1300 tokens, and a compile is cheaper than the padding).
       mc_files: ``{name: path}`` of multiple-choice files (format sniffed, see ``load_mc_dataset``).
@@ -113,11 +129,14 @@ class EvalConfig:
     n_shift_general: int | None = 64
     n_shift_rag: int | None = 32
     shift_rag_split: str = "dev"
-    max_new_tokens_rag: int = 24
-    max_new_tokens_ifeval: int = 128
-    max_new_tokens_shift: int = 64
+    max_new_tokens_rag: int = 32
+    max_new_tokens_ifeval: int = 256
+    max_new_tokens_shift: int = 256
+    collapse_words: int = 5
+    n_knowledge: int | None = None
     batch_size: int = 8
     prompt_bucket: int = 64
+    generation_buckets: tuple[int, ...] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
     shift_max_length: int = 1024
     shift_buckets: tuple[int, ...] = (128, 256, 384, 512, 640, 768, 1024)
     mc_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -132,11 +151,12 @@ class EvalConfig:
     lm_eval_limit: int | None = None  # documents per task (None = all)
 
     def __post_init__(self) -> None:
-        for name in ("n_rag", "n_ifeval", "n_shift_general", "n_shift_rag", "n_mc"):
+        for name in ("n_rag", "n_ifeval", "n_shift_general", "n_shift_rag", "n_mc", "n_knowledge"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0 or None, got {v}")
-        for name in ("max_new_tokens_rag", "max_new_tokens_ifeval", "max_new_tokens_shift", "batch_size"):
+        for name in ("max_new_tokens_rag", "max_new_tokens_ifeval", "max_new_tokens_shift", "batch_size",
+                     "collapse_words"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -268,6 +288,11 @@ def prepare_eval_data(tokenizer: Any, config: EvalConfig = EvalConfig(), *,
         tokenizer, [rag_chat(r, config.documents_template) for r in shift_rag], [r.get("id") for r in shift_rag])
     mc = {name: load_mc_dataset(path)[:config.n_mc] if config.n_mc is not None else load_mc_dataset(path)
           for name, path in config.mc_files.items()}
+    if config.n_knowledge != 0:
+        if "knowledge" in mc:
+            raise ValueError("EvalConfig.mc_files: the name 'knowledge' is the shipped knowledge probe's; rename it "
+                             "or set n_knowledge=0")
+        mc["knowledge"] = select_subset(load_mc_dataset(KNOWLEDGE_MC_PATH), config.n_knowledge, seed, "knowledge")
     info = {"rag": _length_info(rag_len), "ifeval": _length_info(if_len), "shift_general": _length_info(gen_len),
             "shift_rag": _length_info(srag_len), "mc": {k: len(v) for k, v in mc.items()},
             "rag_unanswerable": sum(is_unanswerable(r) for r in rag)}
@@ -276,24 +301,80 @@ def prepare_eval_data(tokenizer: Any, config: EvalConfig = EvalConfig(), *,
 
 
 # ----------------------------------------------------------------------------------------------------- models
+@dataclasses.dataclass
+class Generations:
+    """Greedy answers of one model to one prompt list, and how their generation ended.
+
+    Attributes:
+      texts: decoded answers (special tokens skipped), in prompt order.
+      new_tokens: generated tokens per answer (the end-of-turn token included).
+      hit_cap: per answer, True when the budget ran out before an end-of-turn token (the answer may be cut).
+      max_new_tokens: the budget.
+    """
+
+    texts: list[str]
+    new_tokens: list[int]
+    hit_cap: list[bool]
+    max_new_tokens: int
+
+    def stats(self) -> dict[str, Any]:
+        """``{"n", "hit_cap", "max_new_tokens", "new_tokens_mean", "new_tokens_max"}`` for the report."""
+        n = len(self.texts)
+        return {"n": n, "hit_cap": int(sum(self.hit_cap)), "max_new_tokens": self.max_new_tokens,
+                "new_tokens_mean": float(np.mean(self.new_tokens)) if n else 0.0,
+                "new_tokens_max": int(max(self.new_tokens)) if n else 0}
+
+
 def _generate(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens: int, config: "EvalConfig"
-              ) -> list[str]:
-    """Greedy completions (empty list for no prompts)."""
+              ) -> Generations:
+    """Greedy answers, ``config.batch_size`` prompts per call, until end-of-turn or ``max_new_tokens``.
+
+    Prompts arrive sorted by token length (:func:`prepare_eval_data`), so each batch holds prompts of similar length;
+    a batch is left-padded to the smallest of ``config.generation_buckets`` that fits its longest prompt (beyond
+    them: a multiple of ``prompt_bucket``), so a whole run compiles the decode loop for a handful of shapes; the
+    decode loop of a batch stops as soon as all its rows have ended. The last batch is filled with copies of its first prompt to keep the shape.
+    Stop ids: the model's EOS ids plus the tokenizer's EOS (``<|im_end|>`` for ChatML models).
+    """
     if not prompts:
-        return []
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, prompt_bucket=config.prompt_bucket)
-    return generate_text(model, tokenizer, list(prompts), gen, batch_size=config.batch_size)
+        return Generations([], [], [], max_new_tokens)
+    eos = [int(e) for e in model.config.eos_token_ids]
+    if tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) not in eos:
+        eos.append(int(tokenizer.eos_token_id))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, prompt_bucket=config.prompt_bucket,
+                           eos_token_ids=tuple(eos), pad_token_id=None if pad is None else int(pad))
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    out = Generations([], [], [], max_new_tokens)
+    bs = config.batch_size
+    for start in range(0, len(encoded), bs):
+        chunk = encoded[start:start + bs]
+        real = len(chunk)
+        if len(encoded) > bs:
+            chunk = chunk + [chunk[0]] * (bs - real)
+        longest = max(len(p) for p in chunk)
+        target = next((b for b in config.generation_buckets if b >= longest),
+                      -(-longest // config.prompt_bucket) * config.prompt_bucket)
+        result = generate(model, chunk, dataclasses.replace(gen, prompt_bucket=target))  # pads to exactly `target`
+        for row, n, stopped in zip(result.sequences()[:real], result.lengths[:real], result.stopped_on_eos[:real]):
+            out.texts.append(tokenizer.decode(row, skip_special_tokens=True))
+            out.new_tokens.append(int(n))
+            out.hit_cap.append(not bool(stopped))
+    return out
 
 
 def reference_responses(original_model: Any, tokenizer: Any, data: EvalData,
-                        config: EvalConfig = EvalConfig()) -> dict[str, list[str]]:
-    """The original model's greedy responses (``max_new_tokens_shift``) to the shift prompts, computed once per run.
+                        config: EvalConfig = EvalConfig()) -> dict[str, Any]:
+    """The original model's greedy answers (``max_new_tokens_shift``) to the shift prompts, computed once per run.
 
-    Returns ``{"general": [...], "rag": [...]}`` aligned with ``data.general_prompts`` / ``data.shift_rag_prompts``.
+    Returns ``{"general": [...], "rag": [...]}`` aligned with ``data.general_prompts`` / ``data.shift_rag_prompts``,
+    plus ``"generation": {"general": Generations.stats(), "rag": ...}``. The general answers are also the base
+    model's answers in :func:`evaluate_model` (length / collapse), so they are generated once.
     """
     n = config.max_new_tokens_shift
-    return {"general": _generate(original_model, tokenizer, data.general_prompts, n, config),
-            "rag": _generate(original_model, tokenizer, data.shift_rag_prompts, n, config)}
+    general = _generate(original_model, tokenizer, data.general_prompts, n, config)
+    rag = _generate(original_model, tokenizer, data.shift_rag_prompts, n, config)
+    return {"general": general.texts, "rag": rag.texts,
+            "generation": {"general": general.stats(), "rag": rag.stats()}}
 
 
 _LOGITS_FNS: list[tuple[Any, Callable[..., Any]]] = []
@@ -314,8 +395,12 @@ def _finite_or_none(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
+def _words(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
 def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfig = EvalConfig(), *,
-                   original_model: Any | None, reference_responses: Mapping[str, Sequence[str]] | None,
+                   original_model: Any | None, reference_responses: Mapping[str, Any] | None,
                    parts: Sequence[str] = PARTS) -> tuple[dict[str, float | None], dict[str, Any]]:
     """Run every evaluation of ``model``.
 
@@ -326,31 +411,49 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
       config: the same :class:`EvalConfig`.
       original_model: the model before fine-tuning, for the shift (None, or ``model`` itself, gives 0 shift
         without a forward pass).
-      reference_responses: :func:`reference_responses` output (None: shift on prompts only, response KL 0).
+      reference_responses: :func:`reference_responses` output (None: shift on prompts only, response KL 0, and no
+        general length ratio). When ``model is original_model`` its general answers are these (not regenerated).
       parts: the parts to run (subset of :data:`PARTS`), e.g. ``("ifeval", "shift")`` for cheap evaluations
         during training; a part also stays silent when its data is empty.
 
     Returns:
       ``(metrics, samples)``: ``metrics`` a flat ``{key: float | None}`` (module docstring; None = undefined,
-      e.g. no unanswerable example), ``samples`` = ``{"rag": [...], "ifeval": [...], "shift": {...},
-      "details": {...}, "timing_s": {"rag", "ifeval", "shift", "mc", "total"}}`` with a few predictions, the
-      per-part breakdowns and the wall time of each part.
+      e.g. no unanswerable example), ``samples`` = ``{"rag": [...], "ifeval": [...], "general": [...], "shift":
+      {...}, "details": {...}, "items": {...}, "generation": {...}, "timing_s": {...}}``: a few predictions, the
+      per-part breakdowns, per-item values of every metric (``items[key] = {"num": [...], "den": [...] | None}``,
+      ``metric = sum(num) / sum(den)``, den None = all ones; the input of :mod:`selfaug_jax.eval.stats`), the
+      generation statistics per part (:meth:`Generations.stats`, incl. how many answers hit the budget) and the wall
+      time of each part.
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"evaluate_model: unknown parts {sorted(unknown)}; choose from {PARTS}")
     t_start = time.perf_counter()
     metrics: dict[str, float | None] = {}
-    samples: dict[str, Any] = {"rag": [], "ifeval": [], "shift": {}, "details": {}, "timing_s": {}}
+    samples: dict[str, Any] = {"rag": [], "ifeval": [], "general": [], "shift": {}, "details": {}, "items": {},
+                               "generation": {}, "timing_s": {}}
+    items = samples["items"]
     k = config.n_samples
 
     t0 = time.perf_counter()
     if "rag" in parts and data.rag_examples:
-        preds = _generate(model, tokenizer, data.rag_prompts, config.max_new_tokens_rag, config)
+        gen = _generate(model, tokenizer, data.rag_prompts, config.max_new_tokens_rag, config)
+        preds = gen.texts
+        samples["generation"]["rag"] = gen.stats()
         rag = evaluate_rag(data.rag_examples, preds)
         metrics.update(rag_em=rag["em"], rag_f1=rag["f1"], rag_contains=rag["contained"],
                        rag_refusal_acc=_finite_or_none(rag["unanswerable"]["accuracy"]),
                        rag_false_refusal=_finite_or_none(rag["answerable"]["false_refusal_rate"]))
+        per = rag["per_example"]
+        unans = [float(is_unanswerable(ex)) for ex in data.rag_examples]
+        items.update(rag_em={"num": [r["em"] for r in per], "den": None},
+                     rag_f1={"num": [r["f1"] for r in per], "den": None},
+                     rag_contains={"num": [r["contained"] for r in per], "den": None})
+        if any(unans):
+            items["rag_refusal_acc"] = {"num": [r["refusal"] * u for r, u in zip(per, unans)], "den": unans}
+        if not all(unans):
+            items["rag_false_refusal"] = {"num": [r["refusal"] * (1 - u) for r, u in zip(per, unans)],
+                                          "den": [1.0 - u for u in unans]}
         samples["rag"] = [{"id": ex.get("id"), "question": ex.get("question"), "answer": ex.get("answer"),
                            "prediction": p} for ex, p in zip(data.rag_examples[:k], preds[:k])]
         samples["details"]["rag"] = {key: rag[key] for key in ("count", "answerable", "unanswerable", "by_hops")}
@@ -359,21 +462,56 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
     t0 = time.perf_counter()
     if "ifeval" in parts and data.ifeval_records:
         prompts = [r["prompt"] for r in data.ifeval_records]
-        responses = _generate(model, tokenizer, prompts, config.max_new_tokens_ifeval, config)
+        gen = _generate(model, tokenizer, prompts, config.max_new_tokens_ifeval, config)
+        responses = gen.texts
+        samples["generation"]["ifeval"] = gen.stats()
         ife = evaluate_ifeval(data.ifeval_records, responses)
         metrics.update(ifeval_prompt_strict=ife["prompt_level_strict"],
                        ifeval_inst_strict=ife["instruction_level_strict"],
                        ifeval_prompt_loose=ife["prompt_level_loose"],
                        ifeval_inst_loose=ife["instruction_level_loose"])
-        samples["ifeval"] = [{"id": r["id"], "prompt": r["prompt"], "response": resp, "strict": res["strict"]}
-                             for r, resp, res in zip(data.ifeval_records[:k], responses[:k], ife["results"][:k])]
+        res = ife["results"]
+        n_ins = [float(len(r["strict"])) for r in res]
+        items.update(ifeval_prompt_strict={"num": [float(all(r["strict"])) for r in res], "den": None},
+                     ifeval_inst_strict={"num": [float(sum(r["strict"])) for r in res], "den": n_ins},
+                     ifeval_prompt_loose={"num": [float(all(r["loose"])) for r in res], "den": None},
+                     ifeval_inst_loose={"num": [float(sum(r["loose"])) for r in res], "den": n_ins})
+        samples["ifeval"] = [{"id": r["id"], "prompt": r["prompt"], "response": resp, "strict": rr["strict"]}
+                             for r, resp, rr in zip(data.ifeval_records[:k], responses[:k], res[:k])]
         samples["details"]["ifeval"] = {"per_type": ife["per_type"], "num_prompts": ife["num_prompts"],
                                         "num_instructions": ife["num_instructions"]}
     samples["timing_s"]["ifeval"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    reference = None if original_model is model else original_model
     refs = reference_responses or {}
+    if "general" in parts and data.general_prompts:
+        base_texts = refs.get("general")
+        if base_texts is not None and len(base_texts) != len(data.general_prompts):
+            raise ValueError(f"evaluate_model: {len(data.general_prompts)} general prompts but {len(base_texts)} "
+                             "reference responses (computed with another EvalData?)")
+        if model is original_model and base_texts is not None:
+            texts = list(base_texts)
+            samples["generation"]["general"] = dict(refs.get("generation", {}).get("general", {}), reused=True)
+        else:
+            gen = _generate(model, tokenizer, data.general_prompts, config.max_new_tokens_shift, config)
+            texts = gen.texts
+            samples["generation"]["general"] = gen.stats()
+        words = [float(_words(t)) for t in texts]
+        collapsed = [float(w <= config.collapse_words) for w in words]
+        metrics["general_collapse"] = float(np.mean(collapsed))
+        items["general_collapse"] = {"num": collapsed, "den": None}
+        if base_texts is not None:
+            base_words = [float(_words(t)) for t in base_texts]
+            metrics["general_length_ratio"] = None  # undefined when the original's answers have no word at all
+            if sum(base_words) > 0:
+                metrics["general_length_ratio"] = sum(words) / sum(base_words)
+                items["general_length_ratio"] = {"num": words, "den": base_words}
+        samples["general"] = [{"id": i, "response": t} for i, t in zip(data.general_ids[:k], texts[:k])]
+        samples["details"]["general"] = {"words_mean": float(np.mean(words)), "collapse_words": config.collapse_words}
+    samples["timing_s"]["general"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reference = None if original_model is model else original_model
     for part, prompts in (("general", data.general_prompts), ("rag", data.shift_rag_prompts)):
         if "shift" not in parts or not prompts:
             continue
@@ -384,16 +522,28 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
         stats = measure_shift(reference, model, tokenizer, prompts, responses, config.shift_config())
         metrics[f"shift_{part}_input"] = stats["input_kl"]
         metrics[f"shift_{part}_response"] = stats["response_kl"]
+        per = stats.pop("per_example")
+        if sum(per["n_input_tokens"]):
+            items[f"shift_{part}_input"] = {"num": per["input_kl_sum"], "den": [float(n) for n in per["n_input_tokens"]]}
+        if sum(per["n_response_tokens"]):
+            items[f"shift_{part}_response"] = {"num": per["response_kl_sum"],
+                                               "den": [float(n) for n in per["n_response_tokens"]]}
         samples["shift"][part] = stats
     samples["timing_s"]["shift"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if "mc" in parts and data.mc_datasets:
         mc_cfg = MCConfig(batch_size=config.batch_size, max_length=config.mc_max_length)
-        summaries = evaluate_multiple_choice(data.mc_datasets, _logits_fn(model), tokenizer, mc_cfg)
-        for name, s in summaries.items():
+        logits_fn = _logits_fn(model)
+        summaries = {}
+        for name, examples in data.mc_datasets.items():
+            scores = score_examples(examples, logits_fn, tokenizer, mc_cfg)
+            summaries[name] = s = summarize_scores(scores)
             metrics[f"{name}_acc"] = _finite_or_none(s["acc"])
             metrics[f"{name}_acc_norm"] = _finite_or_none(s["acc_norm"])
+            if scores:
+                items[f"{name}_acc"] = {"num": [float(x.correct) for x in scores], "den": None}
+                items[f"{name}_acc_norm"] = {"num": [float(x.correct_norm) for x in scores], "den": None}
         samples["details"]["mc"] = summaries
     samples["timing_s"]["mc"] = time.perf_counter() - t0
     samples["timing_s"]["total"] = time.perf_counter() - t_start

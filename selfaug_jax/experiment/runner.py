@@ -10,8 +10,10 @@ tokenization, and only then the model weights.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_ev
 from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.experiment.preflight import check_tokenizer, preflight
 from selfaug_jax.experiment.train_data import tokenized_train_source
+from selfaug_jax.experiment.progress import StageTracker
 from selfaug_jax.experiment.trainer import is_main_process, train_method
 from selfaug_jax.models import load_pretrained
 
@@ -55,6 +58,11 @@ def _lm_eval(model, tokenizer, cfg: ExperimentConfig) -> dict[str, Any]:
 def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the configured methods and write ``summary.json``, ``report.md`` and plots to ``cfg.output.dir``."""
     t0 = time.perf_counter()
+    methods = list(cfg.train.methods)
+    tracker = StageTracker(["data", "base eval"] + [f"{m} {k + 1}/{len(methods)}" for k, m in enumerate(methods)]
+                           + ["report"], kinds=["data", "eval"] + ["method"] * len(methods) + ["report"],
+                           stream=sys.stderr if progress and is_main_process() else None)
+    tracker.begin("data")
     model_dir = preflight(cfg, resume=resume).model_dir
     from transformers import AutoTokenizer
 
@@ -76,6 +84,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         plan = ShardingPlan.from_config(cfg.mesh)
 
     eval_data = prepare_eval_data(tokenizer, cfg.eval)
+    tracker.begin("base eval")
     base_model = load_model(cfg, model_dir)
     t_eval = time.perf_counter()
     ref_responses = reference_responses(base_model, tokenizer, eval_data, cfg.eval)
@@ -91,6 +100,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         "methods": {"base": base_metrics},
         "metric_info": dict(EXTRA_METRIC_INFO),
         "samples": {"base": base_samples},
+        "items": {"base": base_samples.pop("items", {})},
         "curves": {},
         "evals_over_training": {},
         "timing_s": {},
@@ -101,7 +111,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         return evaluate_model(model, tokenizer, eval_data, cfg.eval, original_model=base_model,
                               reference_responses=ref_responses)[0]
 
-    for method in cfg.train.methods:
+    for k, method in enumerate(methods):
+        tracker.begin(f"{method} {k + 1}/{len(methods)}")
         t_method = time.perf_counter()
         run = train_method(
             method,
@@ -132,13 +143,19 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
             )
         results["timing_s"][method] = {"train": round(run.wall_time_s, 1),
                                        "total": round(time.perf_counter() - t_method, 1)}
-        del run
+        results["items"][method] = samples.pop("items", {})
+        del run, samples
+        gc.collect()  # the method's train step, merged model and their compiled executables
 
     if lm_eval_results:
         results["lm_eval"] = lm_eval_results
+
+    tracker.begin("report")
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
     table = ""
     if is_main_process():
+        tracker.end()
+        results["stages"] = tracker.records()
         table = write_report(results, out)
         if lm_eval_results:
             from selfaug_jax.eval.lm_eval_tasks import lm_eval_markdown
