@@ -142,3 +142,72 @@ def any_table(path: str | Path) -> str:
     if abstract:
         parts.append(abstract_table(abstract))
     return "\n\n".join(parts) if parts else f"{path}: no bench/step.py records"
+
+
+def _verdict(value: float | None, target: float, at_most: bool) -> str:
+    if value is None:
+        return "not measured"
+    ok = value <= target if at_most else value >= target
+    return "met" if ok else "**missed**"
+
+
+def acceptance_summary(results_dir: str | Path, tag: str) -> str:
+    """Issue 16's acceptance figures from every record tagged ``tag`` in ``results_dir/*.jsonl`` (acceptance.sh)."""
+    recs = [r for f in sorted(Path(results_dir).glob("*.jsonl")) for r in read_jsonl(f) if r.get("tag") == tag]
+    if not recs:
+        return f"no records tagged {tag!r} under {results_dir}"
+    vs = {r["method"]: r for r in recs if r.get("mode") == "vs-torch"}
+    dtypes = next((r for r in recs if r.get("mode") == "compare-dtypes"), None)
+    steps = [r for r in recs if r.get("impl") == "jax" and "median_step_s" in r]
+    two = next((r for r in steps if r.get("num_layers") == 2 and r["batch"] > 1), None)
+    long = max((r for r in steps if r["batch"] == 1), key=lambda r: r["seq"], default=None)
+    abstract = [r for r in recs if r.get("mode") == "abstract"]
+    rows = ["| figure | measured | target | verdict |", "|---|---|---|---|"]
+
+    def add(name: str, value: float | None, text: str, target: str, verdict: str) -> None:
+        rows.append(f"| {name} | {text if value is not None else '-'} | {target} | {verdict} |")
+
+    sa, lo = vs.get("selfaug"), vs.get("lora")
+    if sa:
+        j, t = sa["jax"], sa["torch"]
+        shape = f"{sa['batch']} x {sa['seq']}, {j['num_layers']} layers"
+        add(f"compile s, selfaug {shape}", j["compile_s"], f"{j['compile_s']:.1f} s", "<= 15 s",
+            _verdict(j["compile_s"], 15, True))
+        if two:
+            r = j["compile_s"] / two["compile_s"]
+            add(f"compile {j['num_layers']} / 2 layers", r, f"{r:.2f} ({j['compile_s']:.1f} / {two['compile_s']:.1f} s)",
+                "<= 1.5", _verdict(r, 1.5, True))
+        add(f"selfaug tok/s vs PyTorch ({shape})", sa["tokens_per_s_ratio"],
+            f"{sa['tokens_per_s_ratio']:.2f}x ({j['tokens_per_s']:.1f} vs {t['tokens_per_s']:.1f} tok/s; "
+            f"{j['median_step_s']:.2f} vs {t['median_step_s']:.2f} s/step)", ">= 2.0x",
+            _verdict(sa["tokens_per_s_ratio"], 2.0, False))
+        add("MFU selfaug (this session's peak)", j["mfu"],
+            f"{j['mfu']:.1%} of {j['peak_flops'] / 1e9:.0f} GFLOP/s (measured {j['peak_flops_date']})", ">= 55%",
+            _verdict(j["mfu"], 0.55, False))
+        ratio = sa.get("steps_peak_rss_ratio")
+        add("steps peak RSS selfaug vs PyTorch", ratio,
+            f"{_f(ratio, '.2f')} ({_f(j.get('steps_peak_rss_mb'), '.0f')} vs {_f(t.get('steps_peak_rss_mb'), '.0f')} MB;"
+            f" process peaks {j['peak_rss_mb']:.0f} vs {t['peak_rss_mb']:.0f} MB)", "<= 0.6",
+            _verdict(ratio, 0.6, True))
+        add("step-0 loss, ours vs PyTorch", sa["first_loss_abs_diff"], f"|diff| = {sa['first_loss_abs_diff']:.1e}",
+            "same weights and batch", _verdict(sa["first_loss_abs_diff"], 1e-4, True))
+    if lo:
+        add("lora tok/s vs PyTorch", lo["tokens_per_s_ratio"],
+            f"{lo['tokens_per_s_ratio']:.2f}x ({lo['jax']['tokens_per_s']:.1f} vs {lo['torch']['tokens_per_s']:.1f})",
+            ">= 1.5x", _verdict(lo["tokens_per_s_ratio"], 1.5, False))
+    if dtypes:
+        add("bf16 / fp32 tok/s (selfaug)", dtypes["tokens_per_s_ratio"],
+            f"{dtypes['tokens_per_s_ratio']:.2f}x ({dtypes['bfloat16']['tokens_per_s']:.1f} vs "
+            f"{dtypes['float32']['tokens_per_s']:.1f})", ">= 1.7x", _verdict(dtypes["tokens_per_s_ratio"], 1.7, False))
+        add(f"bf16 vs fp32 losses over {len(dtypes['loss_rel_diffs'])} steps", dtypes["loss_max_rel_diff"],
+            f"max rel diff {dtypes['loss_max_rel_diff']:.2e}", f"<= {dtypes['loss_rtol']}",
+            _verdict(dtypes["loss_max_rel_diff"], dtypes["loss_rtol"], True))
+    if long:
+        add(f"selfaug 1 x {long['seq']} ({long['num_layers']} layers)", long["peak_rss_mb"],
+            f"{long['median_step_s']:.1f} s/step, peak RSS {long['peak_rss_mb'] / 1e3:.1f} GB", "within 24 GB",
+            _verdict(long["peak_rss_mb"], 24e3, True))
+    for r in abstract:
+        add(f"abstract 7B {r['preset']} ({r['num_layers']} layers, {r['per_device_batch']} x {r['seq']}/device)",
+            r["compile_s"], f"compiled in {r['compile_s']:.0f} s; {r['per_device_total_bytes'] / 1e9:.1f} GB/device "
+            f"(SCALING.md {r['scaling_estimate_gb']:.1f} GB)", "compiles", "met")
+    return "\n".join(rows)

@@ -140,11 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print only the JSON line (no progress on stderr)")
     p.add_argument("--out", default=None,
                    help="JSONL to append to (default bench/results/step_<platform>.jsonl; '-' = do not append)")
+    p.add_argument("--summary", default=None, metavar="TAG",
+                   help="print issue 16's acceptance table of every bench/results record tagged TAG, then exit")
     p.add_argument("--table", default=None, metavar="JSONL",
                    help="print a markdown table of a results JSONL (any bench/step.py record kind), then exit")
     args = p.parse_args(argv)
     args.seq_given, args.seq = args.seq, args.seq or 256
-    if args.method is None and not (args.table or args.peak_only or args.abstract):
+    if args.method is None and not (args.table or args.summary or args.peak_only or args.abstract):
         p.error("--method is required")
     if args.vs_torch and args.method not in ("lora", "selfaug"):
         p.error("--vs-torch compares the lora and selfaug steps only")
@@ -490,6 +492,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if args.table:
         print(report.any_table(args.table))
+        return None
+    if args.summary:
+        print(report.acceptance_summary(RESULTS, args.summary))
         return None
     if args.abstract:
         import abstract

@@ -28,8 +28,9 @@ def _flag_names(xla_flags: str) -> set[str]:
     return {tok.split("=", 1)[0] for tok in xla_flags.split() if tok.startswith("--")}
 
 
-def merged_xla_flags(current: str, defaults: tuple[tuple[str, str], ...] = DEFAULT_XLA_FLAGS) -> str:
-    """``current`` plus every default whose flag ``current`` does not set (user settings win)."""
+def merged_xla_flags(current: str, defaults: tuple[tuple[str, str], ...] | None = None) -> str:
+    """``current`` plus every default (``DEFAULT_XLA_FLAGS`` when None) whose flag ``current`` does not set."""
+    defaults = DEFAULT_XLA_FLAGS if defaults is None else defaults
     present = _flag_names(current)
     extra = [f"--{name}={value}" for name, value in defaults if f"--{name}" not in present]
     return " ".join(filter(None, [current.strip(), *extra]))

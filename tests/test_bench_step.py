@@ -109,7 +109,7 @@ def test_one_real_run_truncated_writes_a_record_and_a_table(step_bench, tiny_mod
 
 def test_vs_torch_runs_both_sides_on_the_same_weights_and_batch(step_bench, tiny_model, tmp_path, peak_cache):
     out = tmp_path / "vs.jsonl"
-    rec = step_bench.main(["--method", "selfaug", "--vs-torch", "--steps", "2", "--model", str(tiny_model),
+    rec = step_bench.main(["--method", "selfaug", "--vs-torch", "--steps", "1", "--model", str(tiny_model),
                            *TINY_ARGS, "--json", "--out", str(out)])
     ours, theirs = rec["jax"], rec["torch"]
     # step 0: LoRA B = 0 on both sides, so KL = 0 and the loss is the base model's CE on the same batch
