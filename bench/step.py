@@ -13,8 +13,13 @@ Usage::
     python bench/step.py --table bench/results/step_cpu.jsonl     # markdown table + selfaug/lora ratios
     python bench/step.py --peak-only --dtype float32              # re-measure the cached peak FLOP/s
     python bench/step.py --method lora --batch 1 --seq 2048 --attention-chunk 0   # dense attention
+    python bench/step.py --method selfaug --num-layers 2                     # truncated model (compile in depth)
+    python bench/step.py --method selfaug --vs-torch                         # PyTorch HF + PEFT side by side
+    python bench/step.py --method selfaug --compare-dtypes --steps 20        # bf16 vs fp32: speed and losses
+    python bench/step.py --abstract                                          # 7B-shaped compile on 8 fake devices
 
-Run every configuration in a fresh process: ``peak_rss_mb`` is the process-wide ``ru_maxrss``.
+Run every configuration in a fresh process: ``peak_rss_mb`` is the process-wide ``ru_maxrss``. The modes that
+compare two runs (``--vs-torch``, ``--compare-dtypes``) start each side in its own fresh subprocess themselves.
 
 FLOP model (``model_flops_per_step``; matmul FLOPs only, 2 FLOPs per multiply-add, no credit for remat recompute)
 ----------------------------------------------------------------------------------------------------------------
@@ -40,9 +45,10 @@ are overhead, not model FLOPs. ``model_flops_per_step_6n`` is the common ``6 * N
 convention (``6N`` for the policy even under LoRA, reference ``2N``), reported so the figures compare with MFU
 numbers quoted that way.
 
-``mfu = model_flops_per_step / median_step_s / peak_flops``; ``peak_flops`` is measured once per device kind and
-dtype with a large square matmul (``--peak-n``, default 4096; best of 5) and cached in
-``bench/results/peak_flops_<device>_<dtype>.json`` (``--remeasure-peak`` refreshes it). On a shared CPU host both the
+``mfu = model_flops_per_step / median_step_s / peak_flops``; ``peak_flops`` is measured on this machine with a
+large square matmul (``--peak-n``, default 4096; best of 5) and cached per CPU model / device kind and dtype under
+``~/.cache/selfaug_jax/bench/`` (``bench/machine.py``; ``--remeasure-peak`` refreshes it); every record names the
+peak it used and the machine and time it was measured. On a shared CPU host both the
 peak and the step are measured under whatever load there is: the ``load_avg`` fields record it, and
 ``median_step_cpu_s`` (process CPU seconds per step, all threads) is a contention-robust companion of the wall time
 for comparing configurations measured under different load.
@@ -52,22 +58,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import re
-import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-METHODS = ("lora", "selfaug", "sft", "sft-selfaug")
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+if str(BENCH) not in sys.path:  # sibling helper modules (machine, report, torch_step, abstract)
+    sys.path.insert(0, str(BENCH))
+
+import machine  # noqa: E402  (no JAX / torch at import)
+import report  # noqa: E402
+
+METHODS = report.METHODS
 PROMPT_FRACTION = 0.75
+DEFAULT_LOSS_RTOL = 0.02  # bf16 vs fp32 losses (--compare-dtypes): bf16 keeps 8 mantissa bits (eps 2^-8 = 0.4%)
 
 
 def parse_mesh(text: str | None, cpu_devices: int) -> Any:
@@ -86,12 +97,16 @@ def parse_mesh(text: str | None, cpu_devices: int) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", choices=METHODS, help="required unless --table")
+    p.add_argument("--method", choices=METHODS, help="required unless --table / --peak-only / --abstract")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (B)")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (T)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="tokens per sequence (T; default 256, with --abstract each preset's data.max_length)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the compile step")
     p.add_argument("--model", default=None, help="model name or HF dir (default: smollm2-135m-instruct)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute and param dtype")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="keep only the first N decoder layers (load_pretrained's truncation; compile-in-depth check)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype and frozen-parameter dtype (adapters, optimizer state, loss stay float32)")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_saveable"), default="dots",
                    help="per-layer remat policy (training default: dots)")
     p.add_argument("--attention-chunk", type=int, default=None,
@@ -102,77 +117,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-devices", type=int, default=0, help="fake N CPU devices (XLA host platform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak FLOP/s measurement")
-    p.add_argument("--remeasure-peak", action="store_true")
+    p.add_argument("--remeasure-peak", action="store_true", help="measure the peak FLOP/s now (refreshes the cache)")
     p.add_argument("--peak-only", action="store_true",
-                   help="(re)measure and cache the peak FLOP/s of this device and --dtype, print it, exit")
+                   help="(re)measure and cache the peak FLOP/s of this machine and --dtype, print it, exit")
+    p.add_argument("--impl", choices=("jax", "torch"), default="jax",
+                   help="which implementation this process runs (torch: the PyTorch HF + PEFT released step)")
+    p.add_argument("--vs-torch", action="store_true",
+                   help="run --impl jax and --impl torch one after the other, each in a fresh subprocess, and "
+                        "print both and their ratios (lora / selfaug)")
+    p.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"),
+                   help="attn_implementation of the PyTorch side (default sdpa: its fastest CPU kernel)")
+    p.add_argument("--compare-dtypes", action="store_true",
+                   help="run float32 and bfloat16 (fresh subprocesses), print tokens/s ratio and loss agreement")
+    p.add_argument("--loss-rtol", type=float, default=DEFAULT_LOSS_RTOL,
+                   help="--compare-dtypes: max relative |loss_bf16 - loss_fp32| / loss_fp32 over all steps")
+    p.add_argument("--abstract", action="store_true",
+                   help="lower + compile the selfaug step of a Qwen2.5-7B-shaped model on 8 fake CPU devices "
+                        "(bench/abstract.py; see its --help via --abstract --help)")
+    p.add_argument("--preset", action="append", default=None,
+                   help="--abstract: preset name(s) whose mesh to compile (default: every shipped 7B preset)")
+    p.add_argument("--tag", default=None, help="free-form label stored in the record")
     p.add_argument("--json", action="store_true", help="print only the JSON line (no progress on stderr)")
-    p.add_argument("--out", default=None, help="JSONL to append to (default bench/results/step_<platform>.jsonl)")
+    p.add_argument("--out", default=None,
+                   help="JSONL to append to (default bench/results/step_<platform>.jsonl; '-' = do not append)")
+    p.add_argument("--summary", default=None, metavar="TAG",
+                   help="print issue 16's acceptance table of every bench/results record tagged TAG, then exit")
     p.add_argument("--table", default=None, metavar="JSONL",
-                   help="print a markdown table (and lora/selfaug ratios) of a results JSONL, then exit")
+                   help="print a markdown table of a results JSONL (any bench/step.py record kind), then exit")
     args = p.parse_args(argv)
-    if args.method is None and args.table is None and not args.peak_only:
+    args.seq_given, args.seq = args.seq, args.seq or 256
+    if args.method is None and not (args.table or args.summary or args.peak_only or args.abstract):
         p.error("--method is required")
+    if args.vs_torch and args.method not in ("lora", "selfaug"):
+        p.error("--vs-torch compares the lora and selfaug steps only")
+    if args.vs_torch and args.compare_dtypes:
+        p.error("use one of --vs-torch / --compare-dtypes per invocation")
+    if args.num_layers is not None and args.num_layers < 1:
+        p.error(f"--num-layers must be >= 1, got {args.num_layers}")
     return args
-
-
-def _mesh(rec: dict[str, Any]) -> str:
-    mesh = rec.get("mesh")
-    return "-" if not mesh else f"data={mesh['data']},fsdp={mesh['fsdp']},tensor={mesh['tensor']}"
-
-
-def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value / scale, spec)
-
-
-def _delta(rec: dict[str, Any], base: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
-    if rec.get(key) is None or base.get(key) is None:
-        return "-"
-    return format((rec[key] - base[key]) / scale, spec)
-
-
-def _ratio(rec: dict[str, Any], base: dict[str, Any], key: str) -> str:
-    return f"{rec[key] / base[key]:.2f}" if rec.get(key) and base.get(key) else "-"
-
-
-def markdown_table(path: str | Path) -> str:
-    """A markdown table of the records in ``path`` plus the selfaug/lora (sft-selfaug/sft) ratios per shape."""
-    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    recs.sort(key=lambda r: (r["seq"], r["batch"], METHODS.index(r["method"])))
-    rows = [
-        "| method | B x T | mesh | dtype | remat | attn chunk | median step s (wall) | median step s (cpu) | tokens/s "
-        "| peak RSS MB (process) | peak RSS MB (steps) | XLA temp GB | compile s | model GFLOP/step | MFU | MFU (6N) "
-        "| load avg (1/5/15 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in recs:
-        rows.append(
-            f"| {r['method']} | {r['batch']} x {r['seq']} | {_mesh(r)} | {r['dtype']} | {r['remat']} "
-            f"| {r.get('attention_chunk') or 'dense'} | {r['median_step_s']:.1f} "
-            f"| {_fmt(r.get('median_step_cpu_s'), '.1f')} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
-            f"| {_fmt(r.get('steps_peak_rss_mb'), '.0f')} | {_fmt(r.get('xla_temp_bytes'), '.2f', 1e9)} "
-            f"| {r['compile_s']:.0f} | {r['model_flops_per_step'] / 1e9:.0f} | {r['mfu']:.1%} | {r['mfu_6n']:.1%} "
-            f"| {' / '.join(str(x) for x in r['load_avg'] or [])} |"
-        )
-    by = {(r["method"], r["batch"], r["seq"], r["dtype"], r["remat"], r.get("attention_chunk"), _mesh(r)): r
-          for r in recs}
-    ratio_rows = [
-        "",
-        "| shape | pair | step time ratio (wall) | step time ratio (cpu) | peak RSS delta MB (process) "
-        "| peak RSS delta MB (steps) | XLA temp delta GB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for (method, b, t, dt, rm, ac, mesh), r in by.items():
-        base_method = {"selfaug": "lora", "sft-selfaug": "sft"}.get(method)
-        base = by.get((base_method, b, t, dt, rm, ac, mesh)) if base_method else None
-        if base is None:
-            continue
-        ratio_rows.append(
-            f"| {b} x {t} {dt} remat={rm} attn={ac or 'dense'} mesh={mesh} | {method} / {base_method} "
-            f"| {r['median_step_s'] / base['median_step_s']:.2f} | {_ratio(r, base, 'median_step_cpu_s')} "
-            f"| {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | {_delta(r, base, 'steps_peak_rss_mb', '+.0f')} "
-            f"| {_delta(r, base, 'xla_temp_bytes', '+.2f', 1e9)} |"
-        )
-    return "\n".join(rows + (ratio_rows if len(ratio_rows) > 3 else []))
 
 
 def log(args: argparse.Namespace, msg: str) -> None:
@@ -180,37 +162,20 @@ def log(args: argparse.Namespace, msg: str) -> None:
         print(f"[step.py {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (Linux ``ru_maxrss`` is in KiB, macOS in bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process' peak RSS (``VmHWM``) by writing 5 to ``/proc/self/clear_refs`` (Linux >= 4.0).
-
-    Returns whether it worked; without the reset ``VmHWM`` is still the whole process' peak.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def hwm_rss_mb() -> float | None:
-    """``VmHWM`` (peak RSS since the last :func:`reset_peak_rss`) in MB, or ``None`` where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return None
+def append_record(rec: dict[str, Any], out: str | None, default: Path) -> None:
+    """Print ``rec`` as one JSON line and append it to ``out`` (``default`` when None; nothing when ``-``)."""
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if out == "-":
+        return
+    path = Path(out) if out else default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(line + "\n")
 
 
 def xla_memory_analysis(compiled: Any) -> dict[str, int]:
-    """XLA's buffer assignment of the compiled step: temporaries, arguments, outputs, aliased bytes."""
+    """XLA's buffer assignment of a compiled executable (per device): temporaries, arguments, outputs, aliases."""
     try:
         ma = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 -- optional on some backends
@@ -229,13 +194,6 @@ def device_peak_memory(device: Any) -> int | None:
     except Exception:  # noqa: BLE001 -- not every backend implements memory_stats
         return None
     return None if not stats else stats.get("peak_bytes_in_use")
-
-
-def load_avg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def model_flops(cfg: Any, method: str, batch: int, seq: int, lora_params: int) -> dict[str, float]:
@@ -263,37 +221,6 @@ def model_flops(cfg: Any, method: str, batch: int, seq: int, lora_params: int) -
     }
 
 
-def measure_peak_flops(jax, jnp, n: int, dtype: str, repeats: int = 5) -> dict[str, Any]:
-    """Best-of-``repeats`` FLOP/s of an ``n x n @ n x n`` matmul on the default device."""
-    key = jax.random.key(0)
-    a = jax.random.normal(key, (n, n), jnp.dtype(dtype))
-    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.dtype(dtype))
-    mm = jax.jit(lambda x, y: x @ y)
-    mm(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return {"peak_flops": 2 * n**3 / min(times), "n": n, "dtype": dtype, "times_s": times}
-
-
-def cached_peak_flops(args: argparse.Namespace, jax, jnp, device_kind: str) -> dict[str, Any]:
-    """The cached peak FLOP/s of this device kind and dtype, measuring (and caching) it if absent."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_").lower() or "unknown"
-    path = RESULTS / f"peak_flops_{slug}_{args.dtype}.json"
-    if path.exists() and not args.remeasure_peak:
-        return json.loads(path.read_text())
-    log(args, f"measuring peak FLOP/s ({args.peak_n}^2 {args.dtype} matmul) -> {path.name}")
-    rec = measure_peak_flops(jax, jnp, args.peak_n, args.dtype)
-    rec.update(device_kind=device_kind, load_avg=load_avg(), jax_version=jax.__version__,
-               host=platform.node(), cpu_count=os.cpu_count(),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rec, indent=2) + "\n")
-    return rec
-
-
 def synthetic_batch(batch: int, seq: int, vocab: int, seed: int):
     """Int32 ``[B, T]`` arrays: random token ids; labels -100 on the first 75% (prompt), ids on the rest."""
     import numpy as np
@@ -305,11 +232,16 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int):
     return {"input_ids_bt": ids, "labels_bt": labels, "attention_mask_bt": np.ones((batch, seq), np.int32)}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    args = parse_args(argv)
-    if args.table:
-        print(markdown_table(args.table))
-        return None
+def peak_fields(peak: dict[str, Any]) -> dict[str, Any]:
+    """What a record keeps of the peak it divides by: the value and where / when / under what load it was taken."""
+    return {"peak_flops": float(peak["peak_flops"]), "peak_flops_machine": peak.get("machine"),
+            "peak_flops_cpu_model": peak.get("cpu_model"), "peak_flops_device_kind": peak.get("device_kind"),
+            "peak_flops_date": peak.get("date"), "peak_flops_load_avg": peak.get("load_avg"),
+            "peak_flops_cached": peak.get("cached")}
+
+
+def run_jax(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the real jitted train step, compile it ahead of time, time ``--steps`` steps; return the record."""
     import jax
     import jax.numpy as jnp
 
@@ -321,36 +253,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     from selfaug_jax.lora import LoRAConfig
     from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK, DEFAULT_MODEL, load_pretrained
     from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from selfaug_jax.train.sharding import ShardingPlan
     from selfaug_jax.train.state import init_train_state, uses_lora
     from selfaug_jax.train.step import StepConfig, make_train_step
 
-    from selfaug_jax.train.sharding import ShardingPlan
-
     plan = ShardingPlan.from_config(mesh) if args.mesh else None  # checks the sizes against the device count
-
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
-    device_kind = device.device_kind
     if args.peak_only:
-        args.remeasure_peak = True
-        peak = cached_peak_flops(args, jax, jnp, device_kind)
+        peak = machine.cached_peak_flops(device.platform, device.device_kind, args.dtype, n=args.peak_n,
+                                         remeasure=True)
         print(json.dumps(peak))
         return peak
     t0 = time.perf_counter()
     attention_chunk = DEFAULT_ATTENTION_CHUNK if args.attention_chunk is None else (args.attention_chunk or None)
     model = load_pretrained(args.model or DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
-                            attention_chunk=attention_chunk)
+                            attention_chunk=attention_chunk, num_layers=args.num_layers)
     load_s = time.perf_counter() - t0
     cfg = model.config
-    log(args, f"loaded {args.model or DEFAULT_MODEL} in {load_s:.1f}s on {device_kind} ({jax.device_count()} dev)")
+    log(args, f"loaded {args.model or DEFAULT_MODEL} ({cfg.num_hidden_layers} layers) in {load_s:.1f}s on "
+              f"{device.device_kind} ({jax.device_count()} dev), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
     optimizer, schedule = make_optimizer(OptimizerConfig(), total_steps=args.steps + 1)
     lora_config = LoRAConfig(rank=args.lora_rank)
     model_def, state = init_train_state(model, args.method, optimizer, lora_config=lora_config, seed=args.seed)
     del model
-    lora_params = 0
-    if uses_lora(args.method):
-        lora_params = sum(int(x.size) for x in jax.tree.leaves(state.trainable))
+    lora_params = sum(int(x.size) for x in jax.tree.leaves(state.trainable)) if uses_lora(args.method) else 0
     step_config = StepConfig(loss=SelfAugLossConfig(chunk_size=args.chunk_size))
     if plan is not None:
         state = plan.shard_state(state)
@@ -360,9 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         step_fn = make_train_step(model_def, optimizer, schedule, step_config)
 
     def put(np_batch):
-        if plan is not None:
-            return plan.put_batch(np_batch)
-        return {k: jnp.asarray(v) for k, v in np_batch.items()}
+        return plan.put_batch(np_batch) if plan is not None else {k: jnp.asarray(v) for k, v in np_batch.items()}
 
     batches = [put(synthetic_batch(args.batch, args.seq, cfg.vocab_size, args.seed + i)) for i in range(2)]
 
@@ -370,15 +296,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     compiled = step_fn.lower(state, batches[0]).compile()  # the executable every step below runs
     compile_s = time.perf_counter() - t0
     memory = xla_memory_analysis(compiled)
-    rss_compile_mb = peak_rss_mb()
-    hwm_was_reset = reset_peak_rss()  # from here on VmHWM is the peak of the steps alone (Linux)
+    rss_compile_mb = machine.peak_rss_mb()
+    hwm_was_reset = machine.reset_peak_rss()  # from here on VmHWM is the peak of the steps alone (Linux)
     t0 = time.perf_counter()
     state, metrics = compiled(state, batches[0])
     jax.block_until_ready((state, metrics))
     first_step_s = time.perf_counter() - t0
-    first_loss = float(metrics["loss"])
+    losses = [float(metrics["loss"])]
     log(args, f"compile {compile_s:.1f}s (XLA temp {memory.get('xla_temp_bytes', 0) / 1e9:.2f} GB), first step "
-              f"{first_step_s:.1f}s, loss {first_loss:.4f}")
+              f"{first_step_s:.1f}s, loss {losses[0]:.6f}")
 
     times, cpu_times = [], []
     for i in range(args.steps):
@@ -387,21 +313,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-        log(args, f"step {i + 1}/{args.steps}: {times[-1]:.2f}s wall, {cpu_times[-1]:.2f}s cpu, "
-                  f"loss {float(metrics['loss']):.4f}")
-    loss = float(metrics["loss"])
-    if not (loss == loss):
-        raise SystemExit("loss is NaN")
+        losses.append(float(metrics["loss"]))
+        log(args, f"step {i + 1}/{args.steps}: {times[-1]:.2f}s wall, {cpu_times[-1]:.2f}s cpu, loss {losses[-1]:.4f}")
+    if any(x != x for x in losses):
+        raise SystemExit(f"loss is NaN at step {next(i for i, x in enumerate(losses) if x != x)}")
 
-    rss_mb = peak_rss_mb()  # before the (tiny) peak-FLOP/s matmul, which may run below
-    steps_rss_mb = hwm_rss_mb() if hwm_was_reset else None
+    rss_mb = machine.peak_rss_mb()  # before the peak-FLOP/s matmul, which may run below
+    steps_rss_mb = machine.hwm_rss_mb() if hwm_was_reset else None
     device_peak_bytes = device_peak_memory(device)
     median = statistics.median(times)
     tokens = args.batch * args.seq
     flops = model_flops(cfg, args.method, args.batch, args.seq, lora_params)
-    peak = cached_peak_flops(args, jax, jnp, device_kind)
-    peak_flops = float(peak["peak_flops"])
-    rec = {
+    peak = machine.cached_peak_flops(device.platform, device.device_kind, args.dtype, n=args.peak_n,
+                                     remeasure=args.remeasure_peak)
+    return {
+        "impl": "jax",
         "method": args.method,
         "batch": args.batch,
         "seq": args.seq,
@@ -423,13 +349,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "load_s": load_s,
         **flops,
         "achieved_flops": flops["model_flops_per_step"] / median,
-        "peak_flops": peak_flops,
-        "peak_flops_load_avg": peak.get("load_avg"),
-        "mfu": flops["model_flops_per_step"] / median / peak_flops,
-        "mfu_6n": flops["model_flops_per_step_6n"] / median / peak_flops,
-        "first_loss": first_loss,
-        "last_loss": loss,
+        **peak_fields(peak),
+        "mfu": flops["model_flops_per_step"] / median / float(peak["peak_flops"]),
+        "mfu_6n": flops["model_flops_per_step_6n"] / median / float(peak["peak_flops"]),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "losses": losses,
         "model": args.model or DEFAULT_MODEL,
+        "num_layers": cfg.num_hidden_layers,
         "dtype": args.dtype,
         "remat": args.remat,
         "lora_rank": args.lora_rank if uses_lora(args.method) else None,
@@ -438,22 +365,156 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "device_peak_bytes": device_peak_bytes,
         "mesh": dataclasses.asdict(mesh) if args.mesh else None,
         "platform": device.platform,
-        "device_kind": device_kind,
+        "device_kind": device.device_kind,
         "device_count": jax.device_count(),
         "jax_version": jax.__version__,
-        "load_avg": load_avg(),
-        "cpu_count": os.cpu_count(),
-        "host": platform.node(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tag": args.tag,
+        **machine.host_fields(),
     }
-    line = json.dumps(rec)
-    print(line, flush=True)
-    out = Path(args.out) if args.out else RESULTS / f"step_{device.platform}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        fh.write(line + "\n")
+
+
+def run_torch(args: argparse.Namespace) -> dict[str, Any]:
+    """The PyTorch HF + PEFT released step on ``--model`` (an HF directory), in this process."""
+    import torch_step
+
+    if not args.model or not Path(args.model).is_dir():
+        raise SystemExit(f"--impl torch needs --model HF_DIR (got {args.model!r}); --vs-torch resolves it")
+    if args.mesh or args.cpu_devices:
+        raise SystemExit("--impl torch runs on one device: drop --mesh / --cpu-devices")
+    defaults = _lora_defaults()
+    rec = torch_step.run_torch_step(
+        model_dir=args.model, method=args.method, batch=args.batch, seq=args.seq, steps=args.steps,
+        dtype=args.dtype, lora_rank=args.lora_rank, lora_alpha=defaults["alpha"], lora_dropout=defaults["dropout"],
+        seed=args.seed, attn_implementation=args.torch_attn, num_layers=args.num_layers,
+        make_batch=synthetic_batch, log=lambda m: log(args, m))
+    rec["tag"] = args.tag
+    return rec
+
+
+def _lora_defaults() -> dict[str, float]:
+    """``selfaug_jax.lora.LoRAConfig``'s alpha and dropout (the JAX side's), read without importing JAX."""
+    import ast
+
+    src = (ROOT / "selfaug_jax" / "lora.py").read_text()
+    out: dict[str, float] = {}
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.ClassDef) and node.name == "LoRAConfig":
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                    if item.target.id in ("alpha", "dropout"):
+                        out[item.target.id] = float(ast.literal_eval(item.value))
+    if set(out) != {"alpha", "dropout"}:
+        raise SystemExit("could not read LoRAConfig.alpha / .dropout from selfaug_jax/lora.py")
+    return out
+
+
+def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
+    """The command line of one side of a comparison: this invocation's run options plus ``overrides``."""
+    opts = {"method": args.method, "batch": args.batch, "seq": args.seq, "steps": args.steps, "model": args.model,
+            "num_layers": args.num_layers, "dtype": args.dtype, "remat": args.remat,
+            "attention_chunk": args.attention_chunk, "lora_rank": args.lora_rank, "chunk_size": args.chunk_size,
+            "seed": args.seed, "peak_n": args.peak_n, "torch_attn": args.torch_attn, "tag": args.tag,
+            "impl": "jax", "out": "-"}
+    opts.update(overrides)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--json"]
+    for key, value in opts.items():
+        if value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    if args.remeasure_peak and opts["impl"] == "jax":
+        argv.append("--remeasure-peak")
+    return argv
+
+
+def run_child(args: argparse.Namespace, argv: list[str], what: str) -> dict[str, Any]:
+    """Run one side in a fresh process (its progress goes to our stderr); return its JSON record."""
+    log(args, f"{what}: {' '.join(argv[1:])}")
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=os.environ.copy(), check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); its stdout:\n{proc.stdout[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if not num or not den else num / den
+
+
+def run_vs_torch(args: argparse.Namespace) -> dict[str, Any]:
+    """Our step and the PyTorch HF + PEFT released step, same weights and batches, one after the other."""
+    sys.path.insert(0, str(ROOT))
+    from selfaug_jax.models import DEFAULT_MODEL, resolve_model_dir  # imports JAX but starts no backend
+
+    model_dir = str(resolve_model_dir(args.model or DEFAULT_MODEL))
+    ours = run_child(args, child_argv(args, model=model_dir, impl="jax"), "jax side")
+    theirs = run_child(args, child_argv(args, model=model_dir, impl="torch"), "torch side")
+    theirs["mfu"] = ours["model_flops_per_step"] / theirs["median_step_s"] / ours["peak_flops"]
+    rec = {
+        "mode": "vs-torch", "method": args.method, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+        "num_layers": ours["num_layers"], "model": model_dir, "steps": args.steps,
+        "tokens_per_s_ratio": _ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
+        "step_time_ratio": _ratio(ours["median_step_s"], theirs["median_step_s"]),
+        "peak_rss_ratio": _ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
+        "steps_peak_rss_ratio": _ratio(ours["steps_peak_rss_mb"], theirs["steps_peak_rss_mb"]),
+        "first_loss_abs_diff": abs(ours["first_loss"] - theirs["first_loss"]),
+        "jax": ours, "torch": theirs, "tag": args.tag, **machine.host_fields(),
+    }
+    print(report.comparison_table([rec]), file=sys.stderr)
+    append_record(rec, args.out, RESULTS / f"vs_torch_{ours['platform']}.jsonl")
+    return rec
+
+
+def loss_agreement(fp32_losses: list[float], bf16_losses: list[float], rtol: float) -> dict[str, Any]:
+    """Per-step relative difference of the bf16 losses from the fp32 ones; agreement = all within ``rtol``."""
+    if len(fp32_losses) != len(bf16_losses):
+        raise ValueError(f"loss lists differ in length: {len(fp32_losses)} float32 vs {len(bf16_losses)} bfloat16")
+    rel = [abs(b - f) / max(abs(f), 1e-12) for f, b in zip(fp32_losses, bf16_losses)]
+    return {"loss_max_rel_diff": max(rel), "loss_rel_diffs": rel, "loss_rtol": rtol, "losses_agree": max(rel) <= rtol}
+
+
+def run_compare_dtypes(args: argparse.Namespace) -> dict[str, Any]:
+    """The same step in float32 and bfloat16 (fresh processes): tokens/s ratio and the losses' agreement."""
+    fp32 = run_child(args, child_argv(args, dtype="float32"), "float32 side")
+    bf16 = run_child(args, child_argv(args, dtype="bfloat16"), "bfloat16 side")
+    rec = {
+        "mode": "compare-dtypes", "method": args.method, "batch": args.batch, "seq": args.seq,
+        "num_layers": fp32["num_layers"], "model": fp32["model"], "steps": args.steps,
+        "tokens_per_s_ratio": _ratio(bf16["tokens_per_s"], fp32["tokens_per_s"]),
+        "step_time_ratio": _ratio(bf16["median_step_s"], fp32["median_step_s"]),
+        **loss_agreement(fp32["losses"], bf16["losses"], args.loss_rtol),
+        "float32": fp32, "bfloat16": bf16, "tag": args.tag, **machine.host_fields(),
+    }
+    print(report.comparison_table([rec]), file=sys.stderr)
+    append_record(rec, args.out, RESULTS / f"dtypes_{fp32['platform']}.jsonl")
+    return rec
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.table:
+        print(report.any_table(args.table))
+        return None
+    if args.summary:
+        print(report.acceptance_summary(RESULTS, args.summary))
+        return None
+    if args.abstract:
+        import abstract
+
+        return abstract.main(args)
+    if args.vs_torch:
+        return run_vs_torch(args)
+    if args.compare_dtypes:
+        return run_compare_dtypes(args)
+    rec = run_torch(args) if args.impl == "torch" else run_jax(args)
+    if args.peak_only:
+        return rec
+    default = RESULTS / (f"step_{rec['platform']}.jsonl" if args.impl == "jax" else "step_torch_cpu.jsonl")
+    append_record(rec, args.out, default)
     return rec
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    from selfaug_jax.xla_flags import apply_default_xla_flags  # before JAX creates its backend
+
+    apply_default_xla_flags()
     main()

@@ -1,7 +1,10 @@
-"""``bench/step.py``: the FLOP model, the synthetic batch, and one real run of the script on a tiny model."""
+"""``bench/step.py`` and its helpers: FLOP model, synthetic batch, peak cache, and real runs of every mode on tiny
+models (JAX step, truncation, the PyTorch side-by-side, bf16 vs fp32 losses, the abstract 7B compile)."""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from selfaug_jax.models import ModelConfig
 from torch_reference import make_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--batch", "2", "--seq", "24", "--attention-chunk", "8", "--lora-rank", "4", "--chunk-size", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +26,20 @@ def step_bench():
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop("bench_step", None)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "model"
+    make_tiny_hf_model("llama-tied", path)
+    return path
+
+
+@pytest.fixture()
+def peak_cache(tmp_path, monkeypatch):
+    """Keep the peak-FLOP/s cache of these tests out of the user's cache."""
+    monkeypatch.setenv("SELFAUG_JAX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "bench"
 
 
 def test_flop_model_by_hand(step_bench):
@@ -47,18 +65,101 @@ def test_synthetic_batch_is_75_percent_prompt(step_bench):
     assert batch["attention_mask_bt"].all()
 
 
-@pytest.mark.parametrize("method", ["selfaug"])
-def test_one_real_run_writes_a_record_and_a_table(step_bench, tmp_path, method):
-    make_tiny_hf_model("llama-tied", tmp_path / "model")
+def test_no_peak_is_committed():
+    assert not list((ROOT / "bench" / "results").glob("peak_flops*")), "the peak is per machine: never commit it"
+
+
+def test_peak_cache_is_per_machine_and_reused(step_bench, peak_cache):
+    import machine  # bench/ is on sys.path once step.py is loaded
+
+    first = machine.cached_peak_flops("cpu", "cpu", "float32", n=64)
+    key = machine.machine_key("cpu", "cpu")
+    path = peak_cache / f"peak_flops_{key}_float32.json"
+    assert path.exists() and first["cached"] is False and first["peak_flops"] > 0
+    assert key.startswith("cpu_") and key.endswith(f"_{os.cpu_count()}cpu")
+    assert first["cpu_model"] == machine.cpu_model()
+    again = machine.cached_peak_flops("cpu", "cpu", "float32", n=64)
+    assert again["cached"] is True and again["peak_flops"] == first["peak_flops"]
+    fresh = machine.cached_peak_flops("cpu", "cpu", "float32", n=64, remeasure=True)
+    assert fresh["cached"] is False and json.loads(path.read_text())["date"] == fresh["date"]
+    assert machine.machine_key("gpu", "NVIDIA H100 80GB HBM3") == "gpu_nvidia_h100_80gb_hbm3"
+
+
+def test_one_real_run_truncated_writes_a_record_and_a_table(step_bench, tiny_model, tmp_path, peak_cache):
+    import report
+
     out = tmp_path / "step.jsonl"
-    args = ["--method", method, "--batch", "2", "--seq", "24", "--steps", "2", "--model", str(tmp_path / "model"),
-            "--attention-chunk", "8", "--lora-rank", "4", "--chunk-size", "16", "--json", "--out", str(out)]
+    args = ["--method", "selfaug", "--steps", "2", "--model", str(tiny_model), "--num-layers", "1", *TINY_ARGS,
+            "--json", "--out", str(out)]
     rec = step_bench.main(args)
     assert json.loads(out.read_text().splitlines()[-1]) == rec
+    assert rec["num_layers"] == 1  # the tiny model has 2 layers: --num-layers truncated it
     assert rec["attention_chunk"] == 8 and rec["steps"] == 2 and len(rec["step_times_s"]) == 2
     assert rec["xla_temp_bytes"] > 0 and rec["compile_s"] > 0
     assert rec["tokens_per_s"] == pytest.approx(48 / rec["median_step_s"])
-    assert np.isfinite(rec["first_loss"]) and np.isfinite(rec["last_loss"])
+    assert len(rec["losses"]) == 3 and np.isfinite(rec["losses"]).all()
+    # the peak it divided by is this machine's, from the cache outside the repository
+    cached = json.loads(next(peak_cache.glob("peak_flops_*_float32.json")).read_text())
+    assert rec["peak_flops"] == cached["peak_flops"] and rec["peak_flops_machine"] == cached["machine"]
+    assert rec["mfu"] == pytest.approx(rec["model_flops_per_step"] / rec["median_step_s"] / rec["peak_flops"])
     step_bench.main(args[:1] + ["lora"] + args[2:])
-    table = step_bench.markdown_table(out)
+    table = report.markdown_table(out)
     assert "| selfaug / lora |" in table and "| 2 x 24 float32 remat=dots attn=8 mesh=- " in table
+
+
+def test_vs_torch_runs_both_sides_on_the_same_weights_and_batch(step_bench, tiny_model, tmp_path, peak_cache):
+    out = tmp_path / "vs.jsonl"
+    rec = step_bench.main(["--method", "selfaug", "--vs-torch", "--steps", "1", "--model", str(tiny_model),
+                           *TINY_ARGS, "--json", "--out", str(out)])
+    ours, theirs = rec["jax"], rec["torch"]
+    # step 0: LoRA B = 0 on both sides, so KL = 0 and the loss is the base model's CE on the same batch
+    assert abs(theirs["first_kl"]) < 1e-6
+    assert rec["first_loss_abs_diff"] < 1e-5 and theirs["first_loss"] == pytest.approx(ours["first_loss"], abs=1e-5)
+    assert theirs["n_lora_params"] == ours["n_lora_params"]  # same adapters (rank, targets)
+    assert rec["tokens_per_s_ratio"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert theirs["steps_peak_rss_mb"] > 0 and ours["steps_peak_rss_mb"] > 0
+    assert json.loads(out.read_text().splitlines()[-1]) == rec
+
+
+def test_bf16_losses_agree_with_fp32_over_20_steps(step_bench, tiny_model, tmp_path, peak_cache):
+    common = ["--method", "selfaug", "--steps", "19", "--model", str(tiny_model), *TINY_ARGS, "--json", "--out", "-"]
+    fp32 = step_bench.main(common + ["--dtype", "float32"])
+    bf16 = step_bench.main(common + ["--dtype", "bfloat16"])
+    agreement = step_bench.loss_agreement(fp32["losses"], bf16["losses"], step_bench.DEFAULT_LOSS_RTOL)
+    assert len(agreement["loss_rel_diffs"]) == 20
+    assert agreement["losses_agree"], agreement["loss_rel_diffs"]
+    assert agreement["loss_max_rel_diff"] > 0  # bf16 really ran: it is not bitwise the float32 step
+    assert not step_bench.loss_agreement([1.0, 2.0], [1.0, 2.1], 0.02)["losses_agree"]
+
+
+def test_scaling_estimate_matches_scaling_md_by_hand(step_bench):
+    import abstract
+
+    cfg = ModelConfig.from_hf_dict(abstract.QWEN25_7B_CONFIG)
+    assert cfg.num_params() == 7_615_616_512  # docs/SCALING.md section 2
+    est = abstract.scaling_estimate_bytes(cfg, per_device_batch=1, seq=4096, rank=16, shards=1, tensor=1,
+                                          loss_chunk=512, attention_chunk=512)
+    by_hand = (2 * 7_615_616_512 + 16 * 16 * 90_112 * 28 + 28 * 4096 * 3584 * 2 + 4096 * 151_552
+               + 28 * 512 * 4096 * 4 + 4 * 512 * 152064 * 4 + 4096 * 3584 * 2)
+    assert est == by_hand and round(est / 1e9, 1) == 18.8  # SCALING.md: 18.6 fused-attention + 0.23 chunk scores
+    assert abstract.scaled_mesh({"data": 4, "fsdp": 4, "tensor": 1}, 8)[0] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert abstract.scaled_mesh({"data": 8, "fsdp": 1, "tensor": 1}, 8)[1] == "as shipped"
+
+
+def test_abstract_compile_of_a_7b_layer_on_8_fake_devices(step_bench, tmp_path):
+    import abstract
+
+    out = tmp_path / "abstract.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "step.py"), "--abstract", "--preset", "tpu-v4-32-7b",
+                           "--num-layers", "1", "--seq", "128", "--json", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert rec["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and rec["preset_mesh"]["data"] == 4
+    assert rec["per_device_batch"] == 1 and rec["global_batch"] == 8 and rec["num_layers"] == 1
+    # arguments per device: the bf16 frozen weights sharded fsdp=4 ways dominate (embeddings + head + 1 layer)
+    cfg = ModelConfig.from_hf_dict({**abstract.QWEN25_7B_CONFIG, "num_hidden_layers": 1})
+    frozen_per_device = 2 * cfg.num_params() / 4
+    assert frozen_per_device <= rec["xla_argument_bytes"] <= 1.1 * frozen_per_device
+    assert rec["xla_temp_bytes"] > 0 and rec["compile_s"] > 0
