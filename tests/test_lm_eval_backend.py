@@ -187,3 +187,17 @@ def test_single_token_stops_end_decoding_only_when_safe(tiny_lm):
     assert newline[0] not in config.eos_token_ids and config.max_new_tokens == 256
     with pytest.raises(ValueError, match=r"^selfaug-jax: unsupported generation kwargs num_beams"):
         tiny_lm._generation_config({"until": [], "num_beams": 4})
+
+
+def test_bfloat16_scores_track_float32(tiny_hf_dir, tiny_lm):
+    from lm_eval.api.instance import Instance
+
+    from selfaug_jax.eval.lm_eval_backend import SelfAugJaxLM
+
+    lm16 = SelfAugJaxLM(pretrained=str(tiny_hf_dir), dtype="bfloat16", batch_size=4)
+    assert lm16.model.embed_tokens.embedding[...].dtype == np.dtype("bfloat16")
+    reqs = [Instance("loglikelihood", {}, ("The capital of Peru is", c), i) for i, c in enumerate([" Lima", " Rome"])]
+    ll32 = np.array([s[0] for s in tiny_lm.loglikelihood(reqs)])
+    ll16 = np.array([s[0] for s in lm16.loglikelihood(reqs)])
+    assert ll16.dtype == np.float64 and np.all(np.isfinite(ll16))
+    np.testing.assert_allclose(ll16, ll32, rtol=0.05)
