@@ -201,3 +201,31 @@ def test_bfloat16_scores_track_float32(tiny_hf_dir, tiny_lm):
     ll16 = np.array([s[0] for s in lm16.loglikelihood(reqs)])
     assert ll16.dtype == np.float64 and np.all(np.isfinite(ll16))
     np.testing.assert_allclose(ll16, ll32, rtol=0.05)
+
+
+def test_run_directory_adapter_merged_or_not(tiny_hf_dir, tiny_lm, tmp_path):
+    import json
+
+    import jax
+    from lm_eval.api.instance import Instance
+
+    from selfaug_jax.eval.lm_eval_backend import SelfAugJaxLM
+    from selfaug_jax.lora import LoRAConfig, add_lora, save_peft_adapter
+    from selfaug_jax.models import LoRAParam, load_pretrained
+
+    run = tmp_path / "run"
+    model = add_lora(load_pretrained(tiny_hf_dir), LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+    lora_state = nnx.state(model, LoRAParam)  # non-zero B (A random, B zero after add_lora): a visible change
+    leaves, treedef = jax.tree.flatten(lora_state)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                                   for k, x in zip(keys, leaves)]))
+    save_peft_adapter(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), run / "lora" / "export" / "adapter")
+    (run / "config.json").write_text(json.dumps({"model": {"name": str(tiny_hf_dir), "num_layers": None},
+                                                 "train": {"methods": ["lora"]}}))
+    reqs = [Instance("loglikelihood", {}, ("The capital of Peru is", c), i) for i, c in enumerate([" Lima", " Rome"])]
+    merged = [s[0] for s in SelfAugJaxLM(pretrained=str(run), batch_size=4).loglikelihood(reqs)]
+    unmerged = [s[0] for s in SelfAugJaxLM(pretrained=str(run), merge=False, batch_size=4).loglikelihood(reqs)]
+    base = [s[0] for s in tiny_lm.loglikelihood(reqs)]
+    np.testing.assert_allclose(merged, unmerged, atol=1e-4)
+    assert max(abs(a - b) for a, b in zip(merged, base)) > 1e-2
