@@ -229,3 +229,18 @@ def test_run_directory_adapter_merged_or_not(tiny_hf_dir, tiny_lm, tmp_path):
     base = [s[0] for s in tiny_lm.loglikelihood(reqs)]
     np.testing.assert_allclose(merged, unmerged, atol=1e-4)
     assert max(abs(a - b) for a, b in zip(merged, base)) > 1e-2
+
+
+def test_cli_bad_model_args_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "selfaug_jax.eval.lm_eval_cli", "--model", "selfaug-jax", "--model_args",
+           f"pretrained={tmp_path / 'missing_dir'},temprature=0", "--tasks", "selfaug_tiny_mc", "--include_path",
+           str(TASK_DIR)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: selfaug-jax: unknown model_args key(s) temprature; valid keys: pretrained, adapter, merge, method, "
+        "dtype, batch_size, max_length, max_gen_toks, add_bos_token, min_bucket, prompt_bucket, logits_chunk")
