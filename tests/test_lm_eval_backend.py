@@ -244,3 +244,12 @@ def test_cli_bad_model_args_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: selfaug-jax: unknown model_args key(s) temprature; valid keys: pretrained, adapter, merge, method, "
         "dtype, batch_size, max_length, max_gen_toks, add_bos_token, min_bucket, prompt_bucket, logits_chunk")
+
+
+def test_missing_model_is_one_line(tmp_path):
+    from selfaug_jax.eval.lm_eval_backend import BackendError, SelfAugJaxLM
+
+    with pytest.raises(BackendError, match=r"^selfaug-jax: cannot resolve model '.*nope': expected one of - "):
+        SelfAugJaxLM(pretrained=str(tmp_path / "nope"))
+    with pytest.raises(BackendError, match=r"^selfaug-jax: method='lora' needs pretrained= to be a run output"):
+        SelfAugJaxLM(pretrained=DEFAULT_MODEL, method="lora")

@@ -174,7 +174,8 @@ class SelfAugJaxLM(TemplateLM):
                                      merge=self.config.merge, method=self.config.method, dtype=self.config.dtype)
                 model, tokenizer, resolved = load_eval_model(spec)
             except (ValueError, FileNotFoundError) as e:  # bad path / method / adapter: one line, not a traceback
-                raise BackendError(f"{REGISTERED_NAME}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+                message = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__
+                raise BackendError(f"{REGISTERED_NAME}: {message}") from None
             logger.info("%s: %s", REGISTERED_NAME, resolved.description)
         if kwargs.get("device"):
             logger.info("%s: device=%s ignored; JAX runs on %s", REGISTERED_NAME, kwargs["device"],
