@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", help="train a single method: lora | selfaug | sft | sft-selfaug")
     p.add_argument("--compare", help="comma-separated methods run on the same data and seed, e.g. lora,selfaug")
     p.add_argument("--model", help="HF model dir, .gguf file, or smollm2-135m-instruct")
-    p.add_argument("--data", help="training data file (our JSONL, CRAG task 1 .jsonl.bz2, RAG-Instruct .json)")
+    p.add_argument("--data", help="training data: our JSONL, CRAG task 1 .jsonl.bz2, RAG-Instruct .json, Alpaca / "
+                        "ShareGPT / OpenAI messages (data.format, data.columns.*), .parquet / .arrow / a "
+                        "save_to_disk directory")
     p.add_argument("--out", "--output-dir", dest="out", help="output directory")
     p.add_argument("--max-steps", type=int, help="stop each method after this many optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of each method")

@@ -207,3 +207,15 @@ def test_runner_reads_the_configured_format_and_mapping():
     examples = load_train_examples(cfg)
     assert [e.id for e in examples] == ["a1", "a2", "a3"]
     assert examples == list(read_examples(FIX / "openai_mapped.jsonl", "openai", columns=OPENAI_COLUMNS))
+
+
+def test_first_record_does_not_read_a_large_json_array_whole(tmp_path):
+    from selfaug_jax.data.formats import first_record
+
+    path = tmp_path / "big.json"
+    path.write_text("[\n" + ",\n".join(json.dumps({"question": "q" * 70_000, "answer": str(i)}) for i in range(3))
+                    + "\n")  # the closing bracket is missing: only a full read would notice
+    where, rec = first_record(path)
+    assert where == f"{path}:2" and rec["answer"] == "0"
+    with pytest.raises(DataFormatError, match=r"big.json:5: expected .,. or .\]. after an array element"):
+        list(iter_records(path))

@@ -187,3 +187,69 @@ def test_single_token_stops_end_decoding_only_when_safe(tiny_lm):
     assert newline[0] not in config.eos_token_ids and config.max_new_tokens == 256
     with pytest.raises(ValueError, match=r"^selfaug-jax: unsupported generation kwargs num_beams"):
         tiny_lm._generation_config({"until": [], "num_beams": 4})
+
+
+def test_bfloat16_scores_track_float32(tiny_hf_dir, tiny_lm):
+    from lm_eval.api.instance import Instance
+
+    from selfaug_jax.eval.lm_eval_backend import SelfAugJaxLM
+
+    lm16 = SelfAugJaxLM(pretrained=str(tiny_hf_dir), dtype="bfloat16", batch_size=4)
+    assert lm16.model.embed_tokens.embedding[...].dtype == np.dtype("bfloat16")
+    reqs = [Instance("loglikelihood", {}, ("The capital of Peru is", c), i) for i, c in enumerate([" Lima", " Rome"])]
+    ll32 = np.array([s[0] for s in tiny_lm.loglikelihood(reqs)])
+    ll16 = np.array([s[0] for s in lm16.loglikelihood(reqs)])
+    assert ll16.dtype == np.float64 and np.all(np.isfinite(ll16))
+    np.testing.assert_allclose(ll16, ll32, rtol=0.05)
+
+
+def test_run_directory_adapter_merged_or_not(tiny_hf_dir, tiny_lm, tmp_path):
+    import json
+
+    import jax
+    from lm_eval.api.instance import Instance
+
+    from selfaug_jax.eval.lm_eval_backend import SelfAugJaxLM
+    from selfaug_jax.lora import LoRAConfig, add_lora, save_peft_adapter
+    from selfaug_jax.models import LoRAParam, load_pretrained
+
+    run = tmp_path / "run"
+    model = add_lora(load_pretrained(tiny_hf_dir), LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+    lora_state = nnx.state(model, LoRAParam)  # non-zero B (A random, B zero after add_lora): a visible change
+    leaves, treedef = jax.tree.flatten(lora_state)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                                   for k, x in zip(keys, leaves)]))
+    save_peft_adapter(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), run / "lora" / "export" / "adapter")
+    (run / "config.json").write_text(json.dumps({"model": {"name": str(tiny_hf_dir), "num_layers": None},
+                                                 "train": {"methods": ["lora"]}}))
+    reqs = [Instance("loglikelihood", {}, ("The capital of Peru is", c), i) for i, c in enumerate([" Lima", " Rome"])]
+    merged = [s[0] for s in SelfAugJaxLM(pretrained=str(run), batch_size=4).loglikelihood(reqs)]
+    unmerged = [s[0] for s in SelfAugJaxLM(pretrained=str(run), merge=False, batch_size=4).loglikelihood(reqs)]
+    base = [s[0] for s in tiny_lm.loglikelihood(reqs)]
+    np.testing.assert_allclose(merged, unmerged, atol=1e-4)
+    assert max(abs(a - b) for a, b in zip(merged, base)) > 1e-2
+
+
+def test_cli_bad_model_args_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "selfaug_jax.eval.lm_eval_cli", "--model", "selfaug-jax", "--model_args",
+           f"pretrained={tmp_path / 'missing_dir'},temprature=0", "--tasks", "selfaug_tiny_mc", "--include_path",
+           str(TASK_DIR)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: selfaug-jax: unknown model_args key(s) temprature; valid keys: pretrained, adapter, merge, method, "
+        "dtype, batch_size, max_length, max_gen_toks, add_bos_token, min_bucket, prompt_bucket, logits_chunk")
+
+
+def test_missing_model_is_one_line(tmp_path):
+    from selfaug_jax.eval.lm_eval_backend import BackendError, SelfAugJaxLM
+
+    with pytest.raises(BackendError, match=r"^selfaug-jax: cannot resolve model '.*nope': expected one of - "):
+        SelfAugJaxLM(pretrained=str(tmp_path / "nope"))
+    with pytest.raises(BackendError, match=r"^selfaug-jax: method='lora' needs pretrained= to be a run output"):
+        SelfAugJaxLM(pretrained=DEFAULT_MODEL, method="lora")

@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_COLUMNS",
     "RECORD_FORMATS",
     "check_columns",
+    "first_record",
     "iter_records",
     "read_formatted",
     "resolve_columns",
@@ -178,29 +179,57 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         yield f"{p}:{lineno}", rec
 
 
+def first_record(path: str | Path) -> tuple[str, Any] | None:
+    """``(where, record)`` of the first record, without reading a large JSON array whole (None: no records)."""
+    p = Path(path)
+    if _is_table(p) or not p.is_file():
+        return next(iter_records(p), None)
+    from selfaug_jax.data.readers import open_text
+
+    decoder = json.JSONDecoder()
+    with open_text(p) as f:
+        text = f.read(1 << 16)
+        start = len(text) - len(text.lstrip())
+        if not text[start:start + 1] == "[":  # JSON lines: streamed anyway
+            return next(iter_records(p), None)
+        while True:  # grow the prefix until the first array element decodes (or the file ends)
+            body = text[start + 1:].lstrip()
+            if body.startswith("]"):
+                return None
+            try:
+                rec, _ = decoder.raw_decode(body)
+                return f"{p}:{text.count(chr(10), 0, len(text) - len(body)) + 1}", rec
+            except json.JSONDecodeError:
+                more = f.read(len(text))
+                if not more:
+                    return next(iter_records(p), None)  # malformed: the full reader names the line
+                text += more
+
+
 def sniff_format(path: str | Path) -> str:
     """``alpaca`` / ``sharegpt`` / ``openai`` / ``jsonl`` from the first record's fields (default: ``jsonl``)."""
-    for _, rec in iter_records(path):
-        if isinstance(rec, Mapping):
-            if "conversations" in rec:
-                return "sharegpt"
-            if "instruction" in rec and "output" in rec:
-                return "alpaca"
-            msgs = rec.get("messages")
-            if isinstance(msgs, list) and msgs and isinstance(msgs[0], Mapping) and "role" in msgs[0] \
-                    and not any(isinstance(m, Mapping) and "documents" in m for m in msgs) and "question" not in rec:
-                return "openai"
+    first = first_record(path)
+    rec = first[1] if first is not None else None
+    if not isinstance(rec, Mapping):
         return "jsonl"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    msgs = rec.get("messages")
+    if (isinstance(msgs, list) and msgs and isinstance(msgs[0], Mapping) and "role" in msgs[0]
+            and not any(isinstance(m, Mapping) and "documents" in m for m in msgs) and "question" not in rec):
+        return "openai"
     return "jsonl"
 
 
 def check_columns(path: str | Path, format: str, columns: Mapping[str, str] | None) -> None:
     """Check the mapping against the first record (one-line :class:`DataFormatError` naming column and file)."""
     cols = resolve_columns(format, columns)
-    for where, rec in iter_records(path):
-        _check_record(rec, where, format, cols, columns or {})
-        return
-    raise DataFormatError(f"{path}: no records")
+    first = first_record(path)
+    if first is None:
+        raise DataFormatError(f"{path}: no records")
+    _check_record(first[1], first[0], format, cols, columns or {})
 
 
 def _check_record(rec: Any, where: str, format: str, cols: Mapping[str, str], explicit: Mapping[str, str]) -> None:

@@ -435,9 +435,10 @@ def resolve_format(path: str | Path, format: str = "auto") -> str:
 
 
 def _first_has(path: Path, key: str) -> bool:
-    for _, rec in iter_json_array_records(path):
-        return isinstance(rec, Mapping) and key in rec
-    return False
+    from selfaug_jax.data.formats import first_record
+
+    first = first_record(path)
+    return first is not None and isinstance(first[1], Mapping) and key in first[1]
 
 
 def read_examples(path: str | Path, format: str = "auto", *, columns: Mapping[str, str] | None = None,

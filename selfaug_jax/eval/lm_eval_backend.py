@@ -46,7 +46,7 @@ from selfaug_jax.eval.multiple_choice import bucket_lengths
 from selfaug_jax.models import DEFAULT_MODEL, DecoderLM
 from selfaug_jax.models.generation import GenerationConfig, generate
 
-__all__ = ["BackendConfig", "SelfAugJaxLM", "REGISTERED_NAME"]
+__all__ = ["BackendConfig", "BackendError", "SelfAugJaxLM", "REGISTERED_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ REGISTERED_NAME = "selfaug-jax"
 # Keys lm-eval itself adds to model_args (simple_evaluate's additional_config); accepted, device is informational.
 _LM_EVAL_KEYS = ("device", "max_batch_size")
 _GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed")
+
+
+class BackendError(ValueError):
+    """Bad ``model_args``, model path or request; the message is one line starting with ``selfaug-jax:``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +99,7 @@ class BackendConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - set(fields) - set(_LM_EVAL_KEYS))
         if unknown:
-            raise ValueError(f"{REGISTERED_NAME}: unknown model_args key(s) {', '.join(unknown)}; "
+            raise BackendError(f"{REGISTERED_NAME}: unknown model_args key(s) {', '.join(unknown)}; "
                              f"valid keys: {', '.join(fields)}")
         out: dict[str, Any] = {}
         for key, value in kwargs.items():
@@ -103,19 +107,19 @@ class BackendConfig:
                 continue
             default = fields[key].default
             if key == "batch_size" and isinstance(value, str) and value.startswith("auto"):
-                raise ValueError(f"{REGISTERED_NAME}: batch_size={value} is not supported; give an integer")
+                raise BackendError(f"{REGISTERED_NAME}: batch_size={value} is not supported; give an integer")
             if isinstance(default, bool) or key in ("merge", "add_bos_token"):
                 if isinstance(value, str) and value.lower() in ("true", "false"):
                     value = value.lower() == "true"
                 if not isinstance(value, bool):
-                    raise ValueError(f"{REGISTERED_NAME}: {key}={value!r} is not true/false")
+                    raise BackendError(f"{REGISTERED_NAME}: {key}={value!r} is not true/false")
             elif isinstance(default, int) or key == "max_length":
                 try:
                     value = int(value)
                 except (TypeError, ValueError):
-                    raise ValueError(f"{REGISTERED_NAME}: {key}={value!r} is not an integer") from None
+                    raise BackendError(f"{REGISTERED_NAME}: {key}={value!r} is not an integer") from None
                 if value < 1:
-                    raise ValueError(f"{REGISTERED_NAME}: {key}={value} must be >= 1")
+                    raise BackendError(f"{REGISTERED_NAME}: {key}={value} must be >= 1")
             else:
                 value = str(value)
             out[key] = value
@@ -165,9 +169,13 @@ class SelfAugJaxLM(TemplateLM):
         tokenizer = kwargs.pop("_tokenizer", None)
         self.config = BackendConfig.from_kwargs(kwargs)
         if model is None:
-            spec = EvalModelSpec(pretrained=self.config.pretrained, adapter=self.config.adapter,
-                                 merge=self.config.merge, method=self.config.method, dtype=self.config.dtype)
-            model, tokenizer, resolved = load_eval_model(spec)
+            try:
+                spec = EvalModelSpec(pretrained=self.config.pretrained, adapter=self.config.adapter,
+                                     merge=self.config.merge, method=self.config.method, dtype=self.config.dtype)
+                model, tokenizer, resolved = load_eval_model(spec)
+            except (ValueError, FileNotFoundError) as e:  # bad path / method / adapter: one line, not a traceback
+                message = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__
+                raise BackendError(f"{REGISTERED_NAME}: {message}") from None
             logger.info("%s: %s", REGISTERED_NAME, resolved.description)
         if kwargs.get("device"):
             logger.info("%s: device=%s ignored; JAX runs on %s", REGISTERED_NAME, kwargs["device"],
@@ -235,9 +243,9 @@ class SelfAugJaxLM(TemplateLM):
         rows: list[tuple[list[int], int]] = []  # (input ids incl. the final target, n continuation tokens)
         for key, ctx, cont in requests:
             if not cont or not ctx:
-                raise ValueError(f"{REGISTERED_NAME}: empty context or continuation in request {key!r}")
+                raise BackendError(f"{REGISTERED_NAME}: empty context or continuation in request {key!r}")
             if len(cont) > self.max_length:
-                raise ValueError(f"{REGISTERED_NAME}: continuation of {len(cont)} tokens exceeds "
+                raise BackendError(f"{REGISTERED_NAME}: continuation of {len(cont)} tokens exceeds "
                                  f"max_length={self.max_length} in request {key!r}")
             rows.append(((ctx + cont)[-(self.max_length + 1):], len(cont)))
         n_truncated = sum(len(c) + len(k) > self.max_length + 1 for _, c, k in requests)
@@ -293,11 +301,11 @@ class SelfAugJaxLM(TemplateLM):
     def _generation_config(self, gen_kwargs: dict[str, Any]) -> tuple[GenerationConfig, list[str]]:
         """Decoding settings and stop strings of one request's ``gen_kwargs`` (unsupported keys rejected)."""
         if not isinstance(gen_kwargs, dict):
-            raise ValueError(f"{REGISTERED_NAME}: gen_kwargs must be a dict, got {type(gen_kwargs).__name__}")
+            raise BackendError(f"{REGISTERED_NAME}: gen_kwargs must be a dict, got {type(gen_kwargs).__name__}")
         kw = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         unknown = sorted(set(kw) - set(_GEN_KWARGS))
         if unknown:
-            raise ValueError(f"{REGISTERED_NAME}: unsupported generation kwargs {', '.join(unknown)}; "
+            raise BackendError(f"{REGISTERED_NAME}: unsupported generation kwargs {', '.join(unknown)}; "
                              f"supported: {', '.join(_GEN_KWARGS)}")
         eos_text = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
         until = handle_stop_sequences(kw.get("until"), eos=eos_text)
@@ -332,7 +340,7 @@ class SelfAugJaxLM(TemplateLM):
             config, until = self._generation_config(requests[idx_all[0]].args[1])
             max_ctx = self.max_length - config.max_new_tokens
             if max_ctx < 1:
-                raise ValueError(f"{REGISTERED_NAME}: max_gen_toks={config.max_new_tokens} leaves no room for a "
+                raise BackendError(f"{REGISTERED_NAME}: max_gen_toks={config.max_new_tokens} leaves no room for a "
                                  f"prompt in max_length={self.max_length}")
             encoded = {i: self.tok_encode(requests[i].args[0]) for i in idx_all}
             n_cut = sum(len(e) > max_ctx for e in encoded.values())

@@ -11,6 +11,8 @@ outside its source tree must be imported before the CLI runs. This does exactly 
 
 from __future__ import annotations
 
+import sys
+
 
 def main() -> None:
     """Register ``selfaug-jax`` with lm-eval, then run lm-eval's CLI on ``sys.argv``."""
@@ -19,9 +21,13 @@ def main() -> None:
     except ImportError:
         raise SystemExit("error: lm-eval is not installed; pip install 'selfaug-jax[lm-eval]' "
                          "(or pip install -r requirements-lm-eval.txt)") from None
-    import selfaug_jax.eval.lm_eval_backend  # noqa: F401  (registers the model)
+    from selfaug_jax.eval.lm_eval_backend import BackendError  # importing registers the model
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except BackendError as e:  # bad model_args, path or request: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def run_lm_eval_tasks(
     batch_size: int = 8,
     include_defaults: bool = True,
 ) -> dict[str, Any]:
-    """``{task: {metric: value}, "_wall_s": seconds}`` of lm-eval's ``tasks`` on ``model`` (stderr values dropped).
+    """``{task: {metric: value}, "_wall_s": seconds}`` of lm-eval's ``tasks`` on ``model`` (stderr values dropped;
+    ``sample_len`` is the number of documents evaluated).
 
     Args:
         include_path: a directory of extra task YAMLs (lm-eval's ``--include_path``).
@@ -67,6 +68,8 @@ def lm_eval_markdown(per_method: Mapping[str, Mapping[str, Any]]) -> str:
             if task.startswith("_"):
                 continue
             for metric, value in metrics.items():
+                if metric == "sample_len":  # documents evaluated, not a metric (kept in summary.json)
+                    continue
                 rows.setdefault((task, metric), {})[method] = value
     lines = ["## lm-evaluation-harness", "",
              "| Task | Metric | " + " | ".join(methods) + " |",
