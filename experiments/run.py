@@ -84,7 +84,10 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 def one_line(error: BaseException) -> str:
     """An exception's message on one line (multi-line messages, e.g. a list of bad tensors, joined by "; ")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
+    text = ""
+    for line in lines:
+        text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    return text or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

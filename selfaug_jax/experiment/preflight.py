@@ -144,7 +144,9 @@ def check_tokenizer(tokenizer: Any, cfg: ExperimentConfig, model_dir: Path) -> N
     try:
         tokenize_example(probe, tokenizer, PromptConfig(max_length=None))
     except PromptError as e:
-        raise InputError(f"{model_dir}: tokenizer: {' '.join(str(e).split())}") from None
+        raise InputError(f"{model_dir}: tokenizer: {' '.join(str(e).split())}; the model directory needs a chat "
+                         "template (tokenizer_config.json 'chat_template' or chat_template.jinja) that renders the "
+                         "assistant turn and ends it with an end-of-turn token, as instruct models ship") from None
 
 
 def check_resume(cfg: ExperimentConfig) -> None:
