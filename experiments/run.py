@@ -73,6 +73,9 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selfaug_jax.xla_flags import apply_default_xla_flags
+
+    apply_default_xla_flags()  # XLA reads $XLA_FLAGS once, when JAX starts its backend (below)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
