@@ -29,7 +29,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -149,9 +149,9 @@ def compile_preset(name: str, num_layers: int | None, seq: int | None, log) -> d
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    import step as step_bench  # bench/step.py (on sys.path: it imported us)
+    import machine
 
-    memory = step_bench.xla_memory_analysis(compiled)
+    memory = machine.xla_memory_analysis(compiled)
     total = (memory.get("xla_argument_bytes", 0) + memory.get("xla_temp_bytes", 0)
              + memory.get("xla_output_bytes", 0) - memory.get("xla_alias_bytes", 0))
     shards = mesh["fsdp"] * mesh["tensor"]
@@ -173,13 +173,17 @@ def compile_preset(name: str, num_layers: int | None, seq: int | None, log) -> d
     }
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Compile every requested preset (``args.preset``, default all of :data:`PRESETS_7B`); append the records."""
+def main(args: argparse.Namespace, *, log: Callable[[str], None],
+         append: Callable[[dict[str, Any], str | None, Path], None]) -> list[dict[str, Any]]:
+    """Compile every requested preset (``args.preset``, default all of :data:`PRESETS_7B`).
+
+    ``log`` prints progress; ``append(record, args.out, default_path)`` prints and stores each record (both from
+    ``bench/step.py``).
+    """
     import jax
 
     import machine
     import report
-    import step as step_bench
 
     jax.config.update("jax_num_cpu_devices", FAKE_DEVICES)  # before the CPU backend starts
     if str(ROOT) not in sys.path:
@@ -194,9 +198,9 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     seq = args.seq_given  # None: each preset's data.max_length
     recs = []
     for name in names:
-        rec = compile_preset(name, args.num_layers, seq, lambda m: step_bench.log(args, m))
+        rec = compile_preset(name, args.num_layers, seq, log)
         rec.update(tag=args.tag, **machine.host_fields())
-        step_bench.append_record(rec, args.out, BENCH / "results" / "abstract_7b.jsonl")
+        append(rec, args.out, BENCH / "results" / "abstract_7b.jsonl")
         recs.append(rec)
     print(report.abstract_table(recs), file=sys.stderr)
     return recs
