@@ -9,9 +9,10 @@ Scale by simulation (issue 16, item 7). For each preset's mesh, the Qwen2.5-7B-s
 per-device buffer assignment (``memory_analysis()``: arguments, temporaries, outputs, aliases) next to
 ``docs/SCALING.md``'s arithmetic for the same shape (:func:`scaling_estimate_bytes`).
 
-Meshes larger than 8 devices are scaled down on the ``data`` axis (e.g. ``tpu-v4-32-7b``'s data=4, fsdp=4 becomes
-data=2, fsdp=4): the per-device batch, the weight sharding factor ``fsdp * tensor`` and therefore the per-device
-memory stay those of the preset; the record says so (``mesh`` vs ``preset_mesh``, ``mesh_note``).
+Meshes of another size are resized on the ``data`` axis to exactly 8 devices (``tpu-v4-32-7b``'s data=4, fsdp=4
+becomes data=2, fsdp=4; ``tpu-v5p-7b``'s data=4 becomes data=8): the per-device batch, the weight sharding factor
+``fsdp * tensor`` and therefore the per-device memory stay those of the preset; the record says so (``mesh`` vs
+``preset_mesh``, ``mesh_note``).
 ``tpu-v5e-8`` ships a 0.5B model; its comment's 7B setting (mesh fsdp=8, 4K) is compiled as ``tpu-v5e-8-7b``.
 
 CPU caveat: this is XLA:CPU's buffer assignment of the SPMD-partitioned program, not TPU / GPU's. The CPU
@@ -28,7 +29,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -52,14 +53,17 @@ PRESETS_7B: dict[str, dict[str, Any]] = {
 
 
 def scaled_mesh(mesh: dict[str, int], n_devices: int) -> tuple[dict[str, int], str]:
-    """Shrink ``data`` (by halving) until the mesh fits ``n_devices``; returns the mesh and a note."""
-    out = dict(mesh)
-    while out["data"] * out["fsdp"] * out["tensor"] > n_devices and out["data"] % 2 == 0:
-        out["data"] //= 2
-    if out["data"] * out["fsdp"] * out["tensor"] > n_devices:
-        raise SystemExit(f"mesh {mesh} does not fit {n_devices} devices by scaling the data axis down")
-    note = "as shipped" if out == mesh else (f"data axis scaled {mesh['data']} -> {out['data']} to fit "
-                                             f"{n_devices} fake devices (per-device shapes unchanged)")
+    """Resize the ``data`` axis so the mesh has exactly ``n_devices`` devices; returns the mesh and a note.
+
+    Only ``data`` changes, so the per-device batch and the weight sharding ``fsdp * tensor`` -- hence every
+    per-device shape and XLA's per-device memory -- stay the preset's; only the global batch changes.
+    """
+    shards = mesh["fsdp"] * mesh["tensor"]
+    if n_devices % shards:
+        raise SystemExit(f"mesh {mesh}: fsdp x tensor = {shards} does not divide {n_devices} fake devices")
+    out = {**mesh, "data": n_devices // shards}
+    note = "as shipped" if out == mesh else (f"data axis {mesh['data']} -> {out['data']} to make {n_devices} "
+                                             "devices (per-device shapes unchanged)")
     return out, note
 
 
@@ -145,9 +149,9 @@ def compile_preset(name: str, num_layers: int | None, seq: int | None, log) -> d
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    import step as step_bench  # bench/step.py (on sys.path: it imported us)
+    import machine
 
-    memory = step_bench.xla_memory_analysis(compiled)
+    memory = machine.xla_memory_analysis(compiled)
     total = (memory.get("xla_argument_bytes", 0) + memory.get("xla_temp_bytes", 0)
              + memory.get("xla_output_bytes", 0) - memory.get("xla_alias_bytes", 0))
     shards = mesh["fsdp"] * mesh["tensor"]
@@ -169,13 +173,17 @@ def compile_preset(name: str, num_layers: int | None, seq: int | None, log) -> d
     }
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Compile every requested preset (``args.preset``, default all of :data:`PRESETS_7B`); append the records."""
+def main(args: argparse.Namespace, *, log: Callable[[str], None],
+         append: Callable[[dict[str, Any], str | None, Path], None]) -> list[dict[str, Any]]:
+    """Compile every requested preset (``args.preset``, default all of :data:`PRESETS_7B`).
+
+    ``log`` prints progress; ``append(record, args.out, default_path)`` prints and stores each record (both from
+    ``bench/step.py``).
+    """
     import jax
 
     import machine
     import report
-    import step as step_bench
 
     jax.config.update("jax_num_cpu_devices", FAKE_DEVICES)  # before the CPU backend starts
     if str(ROOT) not in sys.path:
@@ -190,9 +198,9 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     seq = args.seq_given  # None: each preset's data.max_length
     recs = []
     for name in names:
-        rec = compile_preset(name, args.num_layers, seq, lambda m: step_bench.log(args, m))
+        rec = compile_preset(name, args.num_layers, seq, log)
         rec.update(tag=args.tag, **machine.host_fields())
-        step_bench.append_record(rec, args.out, BENCH / "results" / "abstract_7b.jsonl")
+        append(rec, args.out, BENCH / "results" / "abstract_7b.jsonl")
         recs.append(rec)
     print(report.abstract_table(recs), file=sys.stderr)
     return recs

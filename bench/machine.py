@@ -154,3 +154,25 @@ def host_fields() -> dict[str, Any]:
         "host": platform.node(),
         "date": utc_now(),
     }
+
+
+def xla_memory_analysis(compiled: Any) -> dict[str, int]:
+    """XLA's buffer assignment of a compiled executable (per device): temporaries, arguments, outputs, aliases."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- optional on some backends
+        return {}
+    if ma is None:
+        return {}
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    return {f"xla_{f.replace('_size_in_bytes', '_bytes')}": int(getattr(ma, f)) for f in fields if hasattr(ma, f)}
+
+
+def device_peak_memory(device: Any) -> int | None:
+    """Peak bytes in use on an accelerator (``memory_stats()["peak_bytes_in_use"]``); ``None`` on CPU."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 -- not every backend implements memory_stats
+        return None
+    return None if not stats else stats.get("peak_bytes_in_use")

@@ -42,14 +42,16 @@ def markdown_table(path: str | Path) -> str:
     recs = [r for r in read_jsonl(path) if "median_step_s" in r and r.get("impl", "jax") == "jax"]
     recs.sort(key=lambda r: (r["seq"], r["batch"], METHODS.index(r["method"])))
     rows = [
-        "| method | B x T | layers | mesh | dtype | remat | attn chunk | median step s (wall) | median step s (cpu) | tokens/s "
+        "| method | B x T | layers | mesh | dtype | remat | attn chunk | median step s (wall) | median step s (cpu) "
+        "| tokens/s "
         "| peak RSS MB (process) | peak RSS MB (steps) | XLA temp GB | compile s | model GFLOP/step | MFU | MFU (6N) "
         "| load avg (1/5/15 min) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
         rows.append(
-            f"| {r['method']} | {r['batch']} x {r['seq']} | {r.get('num_layers', '-')} | {_mesh(r)} | {r['dtype']} | {r['remat']} "
+            f"| {r['method']} | {r['batch']} x {r['seq']} | {r.get('num_layers', '-')} | {_mesh(r)} "
+            f"| {r['dtype']} | {r['remat']} "
             f"| {r.get('attention_chunk') or 'dense'} | {r['median_step_s']:.3g} "
             f"| {_fmt(r.get('median_step_cpu_s'), '.3g')} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
             f"| {_fmt(r.get('steps_peak_rss_mb'), '.0f')} | {_fmt(r.get('xla_temp_bytes'), '.2f', 1e9)} "
@@ -71,7 +73,8 @@ def markdown_table(path: str | Path) -> str:
         if base is None:
             continue
         ratio_rows.append(
-            f"| {b} x {t} {dt} remat={rm} attn={ac or 'dense'} mesh={mesh}{'' if layers is None else f' L={layers}'} | {method} / {base_method} "
+            f"| {b} x {t} {dt} remat={rm} attn={ac or 'dense'} mesh={mesh}{'' if layers is None else f' L={layers}'} "
+            f"| {method} / {base_method} "
             f"| {r['median_step_s'] / base['median_step_s']:.2f} | {_ratio(r, base, 'median_step_cpu_s')} "
             f"| {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | {_delta(r, base, 'steps_peak_rss_mb', '+.0f')} "
             f"| {_delta(r, base, 'xla_temp_bytes', '+.2f', 1e9)} |"
@@ -86,7 +89,8 @@ def _f(value: Any, spec: str) -> str:
 def comparison_table(recs: list[dict[str, Any]]) -> str:
     """Side-by-side records (``--vs-torch``, ``--compare-dtypes``): both sides and their ratios, one row each."""
     rows = ["| mode | method | B x T | layers | side A | side B | tok/s A | tok/s B | A/B tok/s | step s A | step s B "
-            "| steps peak RSS MB A | B | RSS ratio A/B | compile s A | MFU A | MFU B | step-0 loss A | B | loss check |",
+            "| steps peak RSS MB A | B | RSS ratio A/B | compile s A | MFU A | MFU B | step-0 loss A | B "
+            "| loss check |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         if r.get("mode") == "vs-torch":
@@ -175,7 +179,8 @@ def acceptance_summary(results_dir: str | Path, tag: str) -> str:
             _verdict(j["compile_s"], 15, True))
         if two:
             r = j["compile_s"] / two["compile_s"]
-            add(f"compile {j['num_layers']} / 2 layers", r, f"{r:.2f} ({j['compile_s']:.1f} / {two['compile_s']:.1f} s)",
+            add(f"compile {j['num_layers']} / 2 layers", r,
+                f"{r:.2f} ({j['compile_s']:.1f} / {two['compile_s']:.1f} s)",
                 "<= 1.5", _verdict(r, 1.5, True))
         add(f"selfaug tok/s vs PyTorch ({shape})", sa["tokens_per_s_ratio"],
             f"{sa['tokens_per_s_ratio']:.2f}x ({j['tokens_per_s']:.1f} vs {t['tokens_per_s']:.1f} tok/s; "
@@ -186,7 +191,8 @@ def acceptance_summary(results_dir: str | Path, tag: str) -> str:
             _verdict(j["mfu"], 0.55, False))
         ratio = sa.get("steps_peak_rss_ratio")
         add("steps peak RSS selfaug vs PyTorch", ratio,
-            f"{_f(ratio, '.2f')} ({_f(j.get('steps_peak_rss_mb'), '.0f')} vs {_f(t.get('steps_peak_rss_mb'), '.0f')} MB;"
+            f"{_f(ratio, '.2f')} ({_f(j.get('steps_peak_rss_mb'), '.0f')} vs "
+            f"{_f(t.get('steps_peak_rss_mb'), '.0f')} MB;"
             f" process peaks {j['peak_rss_mb']:.0f} vs {t['peak_rss_mb']:.0f} MB)", "<= 0.6",
             _verdict(ratio, 0.6, True))
         add("step-0 loss, ours vs PyTorch", sa["first_loss_abs_diff"], f"|diff| = {sa['first_loss_abs_diff']:.1e}",

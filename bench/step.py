@@ -174,28 +174,6 @@ def append_record(rec: dict[str, Any], out: str | None, default: Path) -> None:
         fh.write(line + "\n")
 
 
-def xla_memory_analysis(compiled: Any) -> dict[str, int]:
-    """XLA's buffer assignment of a compiled executable (per device): temporaries, arguments, outputs, aliases."""
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 -- optional on some backends
-        return {}
-    if ma is None:
-        return {}
-    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "generated_code_size_in_bytes")
-    return {f"xla_{f.replace('_size_in_bytes', '_bytes')}": int(getattr(ma, f)) for f in fields if hasattr(ma, f)}
-
-
-def device_peak_memory(device: Any) -> int | None:
-    """Peak bytes in use on an accelerator (``memory_stats()["peak_bytes_in_use"]``); ``None`` on CPU."""
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 -- not every backend implements memory_stats
-        return None
-    return None if not stats else stats.get("peak_bytes_in_use")
-
-
 def model_flops(cfg: Any, method: str, batch: int, seq: int, lora_params: int) -> dict[str, float]:
     """Analytic FLOPs per step (see the module docstring). ``cfg``: the model's ``ModelConfig``."""
     d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
@@ -295,7 +273,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batches[0]).compile()  # the executable every step below runs
     compile_s = time.perf_counter() - t0
-    memory = xla_memory_analysis(compiled)
+    memory = machine.xla_memory_analysis(compiled)
     rss_compile_mb = machine.peak_rss_mb()
     hwm_was_reset = machine.reset_peak_rss()  # from here on VmHWM is the peak of the steps alone (Linux)
     t0 = time.perf_counter()
@@ -320,7 +298,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
 
     rss_mb = machine.peak_rss_mb()  # before the peak-FLOP/s matmul, which may run below
     steps_rss_mb = machine.hwm_rss_mb() if hwm_was_reset else None
-    device_peak_bytes = device_peak_memory(device)
+    device_peak_bytes = machine.device_peak_memory(device)
     median = statistics.median(times)
     tokens = args.batch * args.seq
     flops = model_flops(cfg, args.method, args.batch, args.seq, lora_params)
@@ -499,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.abstract:
         import abstract
 
-        return abstract.main(args)
+        return abstract.main(args, log=lambda msg: log(args, msg), append=append_record)
     if args.vs_torch:
         return run_vs_torch(args)
     if args.compare_dtypes:

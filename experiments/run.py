@@ -91,6 +91,9 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selfaug_jax.xla_flags import apply_default_xla_flags
+
+    apply_default_xla_flags()  # XLA reads $XLA_FLAGS once, when JAX starts its backend (below)
     args = parse_args(argv)
     # Logs go to stdout; stderr carries only errors (and progress bars), so a bad input reads as one line there.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,8 +1,8 @@
 """Default XLA flags of selfaug-jax: chosen by measurement, applied before JAX initialises its backends.
 
 XLA reads ``$XLA_FLAGS`` once, when the first backend is created, so :func:`apply_default_xla_flags` must run
-before any ``jax.devices()`` / first computation (``experiments/run.py`` and ``bench/step.py`` call it right after
-their imports; importing ``jax`` itself is fine). It *appends* each default to ``$XLA_FLAGS`` only when the
+before any ``jax.devices()`` / first computation (``experiments/run.py`` calls it first thing in ``main``,
+``bench/step.py`` before ``main`` when run as a script; importing ``jax`` itself is fine). It *appends* each default to ``$XLA_FLAGS`` only when the
 user has not set that flag already, so an explicit ``XLA_FLAGS=--flag=value`` always wins, and
 ``SELFAUG_JAX_XLA_DEFAULTS=0`` turns the defaults off altogether (what the A/B benchmark does for its baseline).
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-# (flag, value) pairs; see the module docstring for how an entry earns its place here.
+# (flag, value) pairs; see the module docstring for how an entry earns its place here. Empty: in the 2026-12-01 A/B
+# (bench/README.md, "XLA:CPU options") no jaxlib 0.10.2 option (oneDNN, XNNPACK fusions / graph fusion, 512-bit
+# vectors, the fast-compile preset) made the SmolLM2 selfaug step faster beyond run-to-run noise, fp32 or bf16.
 DEFAULT_XLA_FLAGS: tuple[tuple[str, str], ...] = ()
 
 DISABLE_ENV_VAR = "SELFAUG_JAX_XLA_DEFAULTS"

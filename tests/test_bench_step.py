@@ -143,6 +143,7 @@ def test_scaling_estimate_matches_scaling_md_by_hand(step_bench):
                + 28 * 512 * 4096 * 4 + 4 * 512 * 152064 * 4 + 4096 * 3584 * 2)
     assert est == by_hand and round(est / 1e9, 1) == 18.8  # SCALING.md: 18.6 fused-attention + 0.23 chunk scores
     assert abstract.scaled_mesh({"data": 4, "fsdp": 4, "tensor": 1}, 8)[0] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert abstract.scaled_mesh({"data": 4, "fsdp": 1, "tensor": 1}, 8)[0] == {"data": 8, "fsdp": 1, "tensor": 1}
     assert abstract.scaled_mesh({"data": 8, "fsdp": 1, "tensor": 1}, 8)[1] == "as shipped"
 
 
