@@ -182,13 +182,17 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
 def first_record(path: str | Path) -> tuple[str, Any] | None:
     """``(where, record)`` of the first record, without reading a large JSON array whole (None: no records)."""
     p = Path(path)
-    if _is_table(p) or not p.is_file():
+    # Tables, and JSON lines (even when a line holds an array: that line is then a bad record, not the file).
+    if _is_table(p) or not p.is_file() or ".jsonl" in p.name:
         return next(iter_records(p), None)
     from selfaug_jax.data.readers import open_text
 
     decoder = json.JSONDecoder()
     with open_text(p) as f:
-        text = f.read(1 << 16)
+        try:
+            text = f.read(1 << 16)
+        except (OSError, EOFError, UnicodeDecodeError):  # not UTF-8 text, or a corrupt archive
+            return next(iter_records(p), None)  # the full reader names the line and the problem
         start = len(text) - len(text.lstrip())
         if not text[start:start + 1] == "[":  # JSON lines: streamed anyway
             return next(iter_records(p), None)
