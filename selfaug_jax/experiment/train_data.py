@@ -42,8 +42,6 @@ from selfaug_jax.experiment.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
-_READER_FORMATS = {"auto": "auto", "jsonl": "jsonl", "crag": "crag", "rag-instruct": "rag_instruct",
-                   "alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}
 CACHE_FORMAT_VERSION = 3  # 3: per-host shards; 2: documents that still fit are kept, zero-document skips
 
 
@@ -73,7 +71,7 @@ def load_train_examples(cfg: ExperimentConfig) -> list[RagExample]:
         kwargs = {"split": cfg.data.crag_split} if cfg.data.format == "crag" or "crag" in cfg.data.train else {}
         if cfg.data.columns:
             kwargs["columns"] = cfg.data.columns
-        examples = list(read_examples(cfg.data.train, _READER_FORMATS[cfg.data.format], **kwargs))
+        examples = list(read_examples(cfg.data.train, cfg.data.format.replace("-", "_"), **kwargs))
     if cfg.data.max_train_examples is not None:
         examples = examples[: cfg.data.max_train_examples]
     if not examples:
