@@ -16,60 +16,28 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from _checkpoint_state import filled_state
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py"), "--no-progress"]
 NO_EVAL = ["eval.n_rag=0", "eval.n_ifeval=0", "eval.n_shift_general=0", "eval.n_shift_rag=0", "train.export=false",
            "output.tensorboard=false"]
 
-# A stand-in train state (the checkpointer only needs these four fields and ``replace``), big enough that writing
-# it takes a while: 4 x 8M float32 = 128 MB.
+# The saver killed mid-save: writes step 1 (unless present) and then step 2 of the stand-in state.
 _SAVER = textwrap.dedent("""
-    import dataclasses, sys
-    from typing import Any
-    import jax.numpy as jnp, numpy as np
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from _checkpoint_state import filled_state
     from selfaug_jax.checkpoints.orbax import TrainCheckpointer
-
-    @dataclasses.dataclass
-    class State:
-        trainable: Any
-        opt_state: Any
-        step: Any
-        rng: Any
-        def replace(self, **kw):
-            return dataclasses.replace(self, **kw)
-
-    def state(value):
-        return State({f"w{i}": jnp.full((8 << 20,), value, jnp.float32) for i in range(4)},
-                     {"mu": jnp.full((16,), value, jnp.float32)}, jnp.int32(value), jnp.zeros((2,), jnp.uint32))
 
     ckpt = TrainCheckpointer(sys.argv[1], max_to_keep=3)
     if ckpt.latest_step() is None:
-        ckpt.save(1, state(1.0), {"data_state": {"index": 1}})
+        ckpt.save(1, filled_state(1.0), {"data_state": {"index": 1}})
     print("saved 1", flush=True)
-    ckpt.save(2, state(2.0), {"data_state": {"index": 2}})
+    ckpt.save(2, filled_state(2.0), {"data_state": {"index": 2}})
     print("saved 2", flush=True)
 """)
-
-
-def _state_template():
-    import dataclasses
-    from typing import Any
-
-    import jax.numpy as jnp
-
-    @dataclasses.dataclass
-    class State:
-        trainable: Any
-        opt_state: Any
-        step: Any
-        rng: Any
-
-        def replace(self, **kw):
-            return dataclasses.replace(self, **kw)
-
-    return State({f"w{i}": jnp.zeros((8 << 20,), jnp.float32) for i in range(4)},
-                 {"mu": jnp.zeros((16,), jnp.float32)}, jnp.int32(0), jnp.zeros((2,), jnp.uint32))
 
 
 def test_kill_9_during_an_orbax_save_keeps_the_previous_checkpoint(tmp_path):
@@ -81,7 +49,7 @@ def test_kill_9_during_an_orbax_save_keeps_the_previous_checkpoint(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     killed_mid_save = False
     for _attempt in range(3):
-        proc = subprocess.Popen([sys.executable, str(script), str(ckpt_dir)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, str(script), str(ckpt_dir), str(TESTS)], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=env, cwd=ROOT, start_new_session=True, text=True)
         try:
             assert proc.stdout.readline().strip() == "saved 1"
@@ -102,16 +70,16 @@ def test_kill_9_during_an_orbax_save_keeps_the_previous_checkpoint(tmp_path):
     assert killed_mid_save, "never caught the save of step 2 in progress"
     ckpt = TrainCheckpointer(ckpt_dir)
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]  # the half-written step 2 is not a checkpoint
-    state, extra = ckpt.restore(_state_template())
+    state, extra = ckpt.restore(filled_state(0.0))
     assert int(state.step) == 1 and extra["data_state"] == {"index": 1}
     assert all(np.all(np.asarray(w) == 1.0) for w in state.trainable.values())
     ckpt.close()
     # the next run saves step 2 over the debris and restores it
-    out = subprocess.run([sys.executable, str(script), str(ckpt_dir)], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
+    out = subprocess.run([sys.executable, str(script), str(ckpt_dir), str(TESTS)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0 and "saved 2" in out.stdout, out.stderr[-2000:]
     ckpt = TrainCheckpointer(ckpt_dir)
-    state, extra = ckpt.restore(_state_template())
+    state, extra = ckpt.restore(filled_state(0.0))
     assert ckpt.latest_step() == 2 and int(state.step) == 2 and extra["data_state"] == {"index": 2}
     ckpt.close()
 
