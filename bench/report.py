@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-METHODS = ("lora", "selfaug", "sft", "sft-selfaug")
+from selfaug_jax.methods import METHOD_NAMES as METHODS, METHODS as METHOD_SPECS
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -68,7 +68,9 @@ def markdown_table(path: str | Path) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for (method, b, t, dt, rm, ac, mesh, layers), r in by.items():
-        base_method = {"selfaug": "lora", "sft-selfaug": "sft"}.get(method)
+        # A reference method against the same training without its terms (SelfAug vs LoRA, SFT+SelfAug vs SFT).
+        spec = METHOD_SPECS.get(method)
+        base_method = None if spec is None or not spec.uses_reference else ("lora" if spec.uses_lora else "sft")
         base = by.get((base_method, b, t, dt, rm, ac, mesh, layers)) if base_method else None
         if base is None:
             continue

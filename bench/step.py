@@ -76,6 +76,8 @@ if str(BENCH) not in sys.path:  # sibling helper modules (machine, report, torch
 import machine  # noqa: E402  (no JAX / torch at import)
 import report  # noqa: E402
 
+from selfaug_jax.methods import get_method  # noqa: E402  (no JAX at import)
+
 METHODS = report.METHODS
 PROMPT_FRACTION = 0.75
 DEFAULT_LOSS_RTOL = 0.02  # bf16 vs fp32 losses (--compare-dtypes): bf16 keeps 8 mantissa bits (eps 2^-8 = 0.4%)
@@ -183,12 +185,13 @@ def model_flops(cfg: Any, method: str, batch: int, seq: int, lora_params: int) -
     n = layers * per_layer + d * v  # + LM head (tied or not, one D x V matmul per token)
     tok = batch * seq
     attn_fwd = 4 * layers * seq * seq * q_out * batch  # QK^T + PV, dense
-    if method in ("lora", "selfaug"):
+    spec = get_method(method)
+    if spec.uses_lora:
         policy = 4 * n * tok + 6 * lora_params * tok + 3 * attn_fwd
     else:
         policy = 6 * n * tok + 3 * attn_fwd
-    policy_6n = 6 * (n + (lora_params if method in ("lora", "selfaug") else 0)) * tok + 3 * attn_fwd
-    reference = 2 * n * tok + attn_fwd if method in ("selfaug", "sft-selfaug") else 0
+    policy_6n = 6 * (n + (lora_params if spec.uses_lora else 0)) * tok + 3 * attn_fwd
+    reference = 2 * n * tok + attn_fwd if spec.uses_reference else 0
     return {
         "n_matmul_params": n,
         "n_lora_params": lora_params,
@@ -232,7 +235,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK, DEFAULT_MODEL, load_pretrained
     from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
     from selfaug_jax.train.sharding import ShardingPlan
-    from selfaug_jax.train.state import init_train_state, uses_lora
+    from selfaug_jax.train.state import init_train_state
     from selfaug_jax.train.step import StepConfig, make_train_step
 
     plan = ShardingPlan.from_config(mesh) if args.mesh else None  # checks the sizes against the device count
@@ -256,7 +259,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     lora_config = LoRAConfig(rank=args.lora_rank)
     model_def, state = init_train_state(model, args.method, optimizer, lora_config=lora_config, seed=args.seed)
     del model
-    lora_params = sum(int(x.size) for x in jax.tree.leaves(state.trainable)) if uses_lora(args.method) else 0
+    lora_params = sum(int(x.size) for x in jax.tree.leaves(state.trainable)) if get_method(args.method).uses_lora else 0
     step_config = StepConfig(loss=SelfAugLossConfig(chunk_size=args.chunk_size))
     if plan is not None:
         state = plan.shard_state(state)
@@ -337,7 +340,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         "num_layers": cfg.num_hidden_layers,
         "dtype": args.dtype,
         "remat": args.remat,
-        "lora_rank": args.lora_rank if uses_lora(args.method) else None,
+        "lora_rank": args.lora_rank if get_method(args.method).uses_lora else None,
         "chunk_size": args.chunk_size,
         "attention_chunk": attention_chunk,
         "device_peak_bytes": device_peak_bytes,

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from selfaug_jax.methods import METHOD_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py"), "--no-progress", "--preset", "smoke"]
 CPU_LIMIT_S = 15.0
@@ -104,7 +106,7 @@ def _case(name: str, tmp: Path) -> tuple[list[str], str, bool]:
     if name == "out_of_range":
         return ["lora.dropout=2"], "lora.dropout: 2.0 must be >= 0 and < 1", True
     if name == "unknown_method":
-        return ["--method", "magic"], "train.methods: 'magic' is not one of lora, selfaug, sft, sft-selfaug", True
+        return ["--method", "magic"], "train.methods: 'magic' is not one of " + ", ".join(METHOD_NAMES), True
     if name == "unknown_preset":
         return ["--preset", "no-such-preset"], "unknown preset 'no-such-preset'; available presets:", True
     if name == "mesh_batch_divisibility":

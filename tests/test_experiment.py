@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from selfaug_jax.experiment.config import ConfigError, build_config
+from selfaug_jax.methods import METHOD_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py"), "--no-progress"]
@@ -25,7 +26,7 @@ def _run(args, **kw):
 @pytest.mark.parametrize("override,message", [
     ("train.bogus=1", "unknown key(s) train.bogus"),
     ("optimizer.learning_rate=fast", "optimizer.learning_rate: expected a number"),
-    ("train.methods=[lora,magic]", "train.methods: 'magic' is not one of lora, selfaug, sft, sft-selfaug"),
+    ("train.methods=[lora,magic]", "train.methods: 'magic' is not one of " + ", ".join(METHOD_NAMES)),
     ("data.train=/no/such/file.jsonl", "data.train: file '/no/such/file.jsonl' does not exist"),
     ("model.name=/no/such/model", "model.name: '/no/such/model' is neither"),
     ("model.attention_chunk=0", "model.attention_chunk: 0 must be >= 1 (or null)"),

@@ -40,20 +40,20 @@ def _line(md: str, start: str) -> list[str]:
 
 def test_table_order_average_and_bold():
     md = render_table(build_table(_results()))
-    assert md.splitlines()[0] == "| Metric | Base | LoRA | SelfAug | SFT |"
-    assert _line(md, "| RAG EM") == ["10.00", "42.00", "40.00", "**45.00**"]
-    assert _line(md, "| IFEval (prompt, strict)") == ["72.00", "49.00", "**62.00**", "45.00"]
+    assert md.splitlines()[0] == "| Metric | Base | SFT | LoRA | SelfAug |"
+    assert _line(md, "| RAG EM") == ["10.00", "**45.00**", "42.00", "40.00"]
+    assert _line(md, "| IFEval (prompt, strict)") == ["72.00", "45.00", "49.00", "**62.00**"]
     # lower is better; Base (0.0) is not ranked
-    assert _line(md, "| KL on general inputs ↓") == ["0.0000", "0.0900", "**0.0110**", "0.2000"]
+    assert _line(md, "| KL on general inputs ↓") == ["0.0000", "0.2000", "0.0900", "**0.0110**"]
     # CRAG enters the Average as (s + 100) / 2; Average = mean(RAG EM, CRAG', IFEval)
     want = {
         "Base": (10 + (-13 + 100) / 2 + 72) / 3,
+        "SFT": (45 + (9 + 100) / 2 + 45) / 3,
         "LoRA": (42 + (8 + 100) / 2 + 49) / 3,
         "SelfAug": (40 + (10 + 100) / 2 + 62) / 3,
-        "SFT": (45 + (9 + 100) / 2 + 45) / 3,
     }
     cells = _line(md, "| **Average** (3 metrics)")
-    assert cells == ["41.83", "48.33", "**52.33**", "48.17"]
+    assert cells == ["41.83", "48.17", "48.33", "**52.33**"]
     assert [float(c.strip("*")) for c in cells] == [round(v, 2) for v in want.values()]
     # group headers in paper order
     lines = md.splitlines()
@@ -113,7 +113,7 @@ def test_write_report_outputs(tmp_path):
     assert summary["plots"] == ["curves.png", "shift_vs_ifeval.png", "comparison.png"]
     report = (tmp_path / "report.md").read_text()
     assert "## What this shows" in report and "![curves.png](curves.png)" in report
-    assert "| IFEval (instruction, loose) ↑ | — | — | — | NaN |" in report
+    assert "| IFEval (instruction, loose) ↑ | — | NaN | — | — |" in report
 
 
 def test_missing_optional_pieces_are_skipped(tmp_path):

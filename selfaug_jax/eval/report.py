@@ -52,6 +52,7 @@ import numpy as np
 from selfaug_jax.eval import report_plots
 from selfaug_jax.eval.report_intervals import compute_intervals, render_interval_tables
 from selfaug_jax.eval.stats import BootstrapConfig
+from selfaug_jax.methods import METHOD_NAMES, METHODS
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -69,11 +70,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-METHOD_ORDER = ("base", "lora", "selfaug", "sft")
-METHOD_LABELS = {
-    "base": "Base", "lora": "LoRA", "selfaug": "SelfAug", "sft": "SFT",
-    "magpie": "LoRA+MAGPIE", "sdft": "LoRA+SDFT", "orth": "LoRA+Orth",
-}
+METHOD_ORDER = ("base",) + METHOD_NAMES  # the paper's column order (Base | SFT | LoRA | ... | SelfAug)
+METHOD_LABELS = {"base": "Base", **{name: m.label for name, m in METHODS.items()}}
 GROUP_ORDER = ("downstream", "general", "shift", "other")
 GROUP_LABELS = {
     "downstream": "Downstream (RAG)", "general": "General capabilities",
@@ -217,7 +215,7 @@ def resolve_metric_info(results: Mapping[str, Any]) -> dict[str, MetricInfo]:
 
 
 def ordered_methods(methods: Sequence[str]) -> list[str]:
-    """Base, LoRA, SelfAug, SFT first (when present), then the rest in the given order."""
+    """The registry's methods in the paper's order (base first, when present), then the rest in the given order."""
     return [m for m in METHOD_ORDER if m in methods] + [m for m in methods if m not in METHOD_ORDER]
 
 

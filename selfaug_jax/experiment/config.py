@@ -39,7 +39,7 @@ from selfaug_jax.lora import ALL_LINEAR_TARGETS
 from selfaug_jax.loss import SelfAugLossConfig
 from selfaug_jax.models.remat import REMAT_POLICIES
 from selfaug_jax.train.optimizer import OptimizerConfig
-from selfaug_jax.train.state import METHODS
+from selfaug_jax.methods import METHOD_NAMES
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
@@ -75,7 +75,7 @@ PositiveFloat = Annotated[float, Range(gt=0)]
 Fraction = Annotated[float, Range(ge=0, lt=1)]
 DType = Literal["float32", "bfloat16"]
 RematPolicy = Literal[tuple(REMAT_POLICIES)]  # type: ignore[misc]  (the policy names as Literal arguments)
-Method = Literal[METHODS]  # type: ignore[valid-type]
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 LoRATarget = Literal[ALL_LINEAR_TARGETS]  # type: ignore[valid-type]
 
 
@@ -187,7 +187,7 @@ class ExperimentConfig:
         """The checks that involve several fields or the filesystem (each field's own type, choices and range
         were checked while building); ``check_paths`` also checks that files exist."""
         if not self.train.methods:
-            raise ConfigError("train.methods is empty; choose from " + ", ".join(METHODS))
+            raise ConfigError("train.methods is empty; choose from " + ", ".join(METHOD_NAMES))
         if max(self.data.buckets) < self.data.max_length:
             raise ConfigError(f"data.buckets {list(self.data.buckets)} must reach data.max_length="
                               f"{self.data.max_length}; add a bucket >= {self.data.max_length}")

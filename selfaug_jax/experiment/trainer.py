@@ -45,7 +45,7 @@ from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.lora import LoRAConfig, merge_lora, save_peft_adapter
 from selfaug_jax.models.decoder import DecoderLM
 from selfaug_jax.train.optimizer import make_optimizer
-from selfaug_jax.train.state import ModelDef, TrainState, init_train_state, uses_lora
+from selfaug_jax.train.state import ModelDef, TrainState, init_train_state
 from selfaug_jax.train.step import StepConfig, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def eval_model(model_def: ModelDef, state: TrainState) -> DecoderLM:
     """A standalone copy of the policy with LoRA merged (see :meth:`MethodRun.eval_model`)."""
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (new Variables: the state is never touched)
     model = model_def.policy(copy(state.trainable), copy(state.frozen))
-    return merge_lora(model) if uses_lora(model_def.method) else model
+    return merge_lora(model) if model_def.spec.uses_lora else model
 
 
 def is_main_process() -> bool:
@@ -355,7 +355,7 @@ def export_run(run: MethodRun, cfg: ExperimentConfig, base_model_ref: str) -> No
     tmp = run.out_dir / f"export.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if uses_lora(run.method):
+        if run.model_def.spec.uses_lora:
             save_peft_adapter(run.model(), lora_config_of(cfg), tmp / "adapter",
                               base_model_name_or_path=base_model_ref)
         model = run.eval_model()

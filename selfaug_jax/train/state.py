@@ -1,13 +1,13 @@
 """Training state: a pytree of arrays, plus the static model structure needed to rebuild the models.
 
-Methods (the paper's baselines and ours):
+How a method splits the model follows its registry entry (:mod:`selfaug_jax.methods`):
 
-| method        | trainable          | frozen                      | reference model for the KL         |
-|---------------|--------------------|-----------------------------|------------------------------------|
-| ``lora``      | LoRA adapters      | base params                 | none (CE only)                     |
-| ``selfaug``   | LoRA adapters      | base params                 | base params, adapters bypassed     |
-| ``sft``       | all params         | (empty)                     | none (CE only)                     |
-| ``sft-selfaug`` | all params       | a frozen copy of the params | the frozen copy                    |
+| ``trains`` | ``reference`` | trainable     | frozen                      | reference model                  |
+|------------|---------------|---------------|-----------------------------|----------------------------------|
+| ``lora``   | ``none``      | LoRA adapters | base params                 | none                             |
+| ``lora``   | ``base``      | LoRA adapters | base params                 | base params, adapters bypassed   |
+| ``all``    | ``none``      | all params    | (empty)                     | none                             |
+| ``all``    | ``copy``      | all params    | a frozen copy of the params | the frozen copy                  |
 
 For the LoRA methods the reference costs no extra parameter memory: it is the same frozen arrays merged into the
 graph *without* adapters.
@@ -24,22 +24,8 @@ import optax
 from flax import nnx, struct
 
 from selfaug_jax.lora import LoRAConfig, add_lora, split_lora_model
+from selfaug_jax.methods import Method, get_method
 from selfaug_jax.models.decoder import DecoderLM, LoRAParam
-
-METHODS: tuple[str, ...] = ("lora", "selfaug", "sft", "sft-selfaug")
-
-
-def uses_lora(method: str) -> bool:
-    return method in ("lora", "selfaug")
-
-
-def uses_reference(method: str) -> bool:
-    return method in ("selfaug", "sft-selfaug")
-
-
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 class TrainState(struct.PyTreeNode):
@@ -68,8 +54,13 @@ class ModelDef:
     policy_graphdef: Any
     reference_graphdef: Any | None
 
+    @property
+    def spec(self) -> Method:
+        """The method's registry entry."""
+        return get_method(self.method)
+
     def policy(self, trainable, frozen) -> DecoderLM:
-        if uses_lora(self.method):
+        if self.spec.uses_lora:
             return nnx.merge(self.policy_graphdef, trainable, frozen)
         return nnx.merge(self.policy_graphdef, trainable)
 
@@ -84,7 +75,7 @@ class ModelDef:
         """
         if self.reference_graphdef is None:
             raise ValueError(f"method {self.method!r} has no reference model")
-        if uses_lora(self.method):
+        if self.spec.uses_lora:
             zero_adapters = jax.tree.map(lambda x: jax.lax.stop_gradient(x) * 0, trainable)
             return nnx.merge(self.policy_graphdef, zero_adapters, jax.lax.stop_gradient(frozen))
         return nnx.merge(self.reference_graphdef, jax.lax.stop_gradient(frozen))
@@ -103,18 +94,19 @@ def init_train_state(
     seed: int = 0,
 ) -> tuple[ModelDef, TrainState]:
     """Split ``model`` for ``method`` and build the initial state. LoRA methods add adapters (in place)."""
-    check_method(method)
-    if uses_lora(method):
+    spec = get_method(method)
+    if spec.uses_lora:
         has_lora = any(True for _ in nnx.to_flat_state(nnx.state(model, LoRAParam)))
         if not has_lora:
             add_lora(model, lora_config or LoRAConfig(), nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
         policy_gd, base_gd, trainable, frozen = split_lora_model(model)
-        model_def = ModelDef(method, policy_gd, base_gd if method == "selfaug" else None)
+        model_def = ModelDef(method, policy_gd, base_gd if spec.reference == "base" else None)
     else:
         graphdef, params = nnx.split(model, nnx.Param)
         trainable = params
-        frozen = jax.tree.map(jnp.copy, params) if method == "sft-selfaug" else nnx.State({})
-        model_def = ModelDef(method, graphdef, graphdef if method == "sft-selfaug" else None)
+        copy = spec.reference == "copy"
+        frozen = jax.tree.map(jnp.copy, params) if copy else nnx.State({})
+        model_def = ModelDef(method, graphdef, graphdef if copy else None)
     state = TrainState(
         trainable=trainable,
         frozen=frozen,

@@ -1,6 +1,8 @@
 """The pure SelfAug train step ``(state, batch) -> (state, metrics)`` and its eval twin.
 
-Inside one jitted step (the anchored-reference pattern):
+The loss is a function passed in (``loss_fn``, see ``train/objective.py``); the default, ``method_loss``, builds
+the method's objective from its registry entry. For SelfAug, inside one jitted step (the anchored-reference
+pattern):
 
     policy     = merge(policy_graphdef, trainable, frozen)             # adapters on
     reference  = merge(reference_graphdef, stop_gradient(frozen))      # the original model, same step
@@ -26,7 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from selfaug_jax import loss as loss_lib
-from selfaug_jax.train.state import ModelDef, TrainState, uses_lora, uses_reference
+from selfaug_jax.train.objective import LossFn, method_loss
+from selfaug_jax.train.state import ModelDef, TrainState
 
 ACCUM_NORMALIZATIONS = ("mean", "token")
 Batch = dict[str, jax.Array]
@@ -56,51 +59,6 @@ class StepConfig:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
 
-def _forward_losses(model_def: ModelDef, config: StepConfig, trainable, frozen, batch: Batch, rng, normalizers):
-    """Losses of one micro-batch: ``(total, aux)`` with aux ce, kl, n_target_tokens, n_aligned_tokens.
-
-    ``normalizers`` = (targets, aligned) token counts to divide the CE / KL sums by (the global counts for
-    token-weighted accumulation), or ``None`` for this micro-batch's own counts (the released code).
-    """
-    kwargs = dict(
-        attention_mask=batch["attention_mask_bt"],
-        positions=batch.get("positions_bt"),
-        segment_ids=batch.get("segment_ids_bt"),
-    )
-    policy = model_def.policy(trainable, frozen)
-    hidden_btd = policy.hidden_states(batch["input_ids_bt"], dropout_rng=rng, **kwargs)
-    head_dv = policy.lm_head_weight()
-    if uses_lora(model_def.method):
-        # The head is frozen (LoRA never adapts it; it is derived from `frozen`, which is not differentiated): under
-        # stop_gradient the fused loss's custom VJP sees it unperturbed and skips the head-gradient matmuls.
-        head_dv = jax.lax.stop_gradient(head_dv)
-    cfg = config.loss
-    n_target, n_aligned = normalizers if normalizers is not None else (None, None)
-    if uses_reference(model_def.method):
-        reference = model_def.reference(trainable, frozen)
-        ref_hidden_btd = jax.lax.stop_gradient(reference.hidden_states(batch["input_ids_bt"], **kwargs))
-        ref_head_dv = jax.lax.stop_gradient(reference.lm_head_weight())
-        return loss_lib.selfaug_loss_from_hidden(
-            hidden_btd,
-            ref_hidden_btd,
-            head_dv,
-            batch["labels_bt"],
-            ref_lm_head_dv=ref_head_dv,
-            attention_mask_bt=batch["attention_mask_bt"],
-            num_target_tokens=n_target,
-            num_aligned_tokens=n_aligned,
-            **cfg.fused_kwargs(),
-        )
-    return loss_lib.sft_loss_from_hidden(
-        hidden_btd,
-        head_dv,
-        batch["labels_bt"],
-        chunk_size=cfg.chunk_size,
-        grad_mode=cfg.grad_mode,
-        num_target_tokens=n_target,
-    )
-
-
 def _split_micro(batch: Batch, k: int) -> Batch:
     def split(x):
         if x.shape[0] % k:
@@ -110,12 +68,15 @@ def _split_micro(batch: Batch, k: int) -> Batch:
     return {name: split(x) for name, x in batch.items()}
 
 
-def _accumulate(model_def: ModelDef, config: StepConfig, trainable, frozen, batch: Batch, rng, *, with_grad: bool):
+def _accumulate(model_def: ModelDef, config: StepConfig, trainable, frozen, batch: Batch, rng, *, with_grad: bool,
+                loss_fn: LossFn = method_loss):
     """Run the micro-batches; returns (grads or None, metrics) with the configured normalisation.
 
     "mean": each micro-batch loss is normalised by its own token counts and the k losses are averaged.
     "token": every micro-batch divides its CE / KL sums by the counts of the *whole* batch, so the summed loss
     (and gradient) equals that of one big batch.
+    Metrics: ``loss`` plus every ``aux`` entry of the loss; float entries are averaged like the loss, int entries
+    (token counts) summed.
     """
     k = config.grad_accum_steps
     micro = _split_micro(batch, k)
@@ -133,7 +94,7 @@ def _accumulate(model_def: ModelDef, config: StepConfig, trainable, frozen, batc
         scale = 1.0 / k
 
     def objective(params, mb, mb_rng):
-        total, aux = _forward_losses(model_def, config, params, frozen, mb, mb_rng, normalizers)
+        total, aux = loss_fn(model_def, config, params, frozen, mb, mb_rng, normalizers)
         return total * scale if k > 1 else total, aux
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -146,25 +107,25 @@ def _accumulate(model_def: ModelDef, config: StepConfig, trainable, frozen, batc
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         else:
             weighted, aux = objective(trainable, mb, None)
-        w = scale if k > 1 else 1.0
-        sums = {
-            "loss": sums["loss"] + weighted,
-            "ce": sums["ce"] + aux["ce"] * w,
-            "kl": sums["kl"] + aux["kl"] * w,
-            "n_target_tokens": sums["n_target_tokens"] + aux["n_target_tokens"],
-            "n_aligned_tokens": sums["n_aligned_tokens"] + aux["n_aligned_tokens"],
-        }
+        if k == 1:  # the metrics are the loss's own values bit for bit
+            return (grads_acc, dict(aux, loss=weighted)), None
+        sums = dict(sums, loss=sums["loss"] + weighted)
+        for name, value in aux.items():
+            is_count = jnp.issubdtype(value.dtype, jnp.integer)
+            sums[name] = sums[name] + (value if is_count else value * scale)
         return (grads_acc, sums), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable) if with_grad else None
-    f32 = jnp.zeros((), jnp.float32)
-    i32 = jnp.zeros((), jnp.int32)
-    init = (zeros, {"loss": f32, "ce": f32, "kl": f32, "n_target_tokens": i32, "n_aligned_tokens": i32})
     xs = (micro, jnp.arange(k, dtype=jnp.int32))
-    if k == 1:  # no scan: simpler HLO, and the metrics are the loss's own values bit for bit
-        (grads, sums), _ = body(init, jax.tree.map(lambda x: x[0], xs))
+    if k == 1:  # no scan: simpler HLO
+        (grads, sums), _ = body((zeros, None), jax.tree.map(lambda x: x[0], xs))
     else:
-        (grads, sums), _ = jax.lax.scan(body, init, xs)
+        # The metric keys and dtypes are the loss's aux (traced once, abstractly, to build the scan carry).
+        total_shape, aux_shapes = jax.eval_shape(lambda mb: objective(trainable, mb, None),
+                                                 jax.tree.map(lambda x: x[0], micro))
+        init_sums = {name: jnp.zeros((), s.dtype) for name, s in aux_shapes.items()}
+        init_sums["loss"] = jnp.zeros((), total_shape.dtype)
+        (grads, sums), _ = jax.lax.scan(body, (zeros, init_sums), xs)
     sums["n_tokens"] = jnp.sum(batch["attention_mask_bt"].astype(jnp.int32))
     return grads, sums
 
@@ -174,6 +135,7 @@ def train_step_fn(
     optimizer: optax.GradientTransformation,
     schedule: Callable[[jax.Array], jax.Array],
     config: StepConfig,
+    loss_fn: LossFn = method_loss,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure (un-jitted) train step for ``model_def`` (see :func:`make_train_step`)."""
 
@@ -181,7 +143,7 @@ def train_step_fn(
         rng = jax.random.wrap_key_data(state.rng)
         rng, step_rng = jax.random.split(rng)
         grads, metrics = _accumulate(
-            model_def, config, state.trainable, state.frozen, batch, step_rng, with_grad=True
+            model_def, config, state.trainable, state.frozen, batch, step_rng, with_grad=True, loss_fn=loss_fn
         )
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
@@ -201,11 +163,15 @@ def make_train_step(
     schedule: Callable[[jax.Array], jax.Array],
     config: StepConfig = StepConfig(),
     *,
+    loss_fn: LossFn = method_loss,
     state_shardings: Any = None,
     batch_sharding: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """``jax.jit`` of the train step, donating the state; with shardings when given (see ``train/sharding.py``)."""
-    fn = train_step_fn(model_def, optimizer, schedule, config)
+    """``jax.jit`` of the train step, donating the state; with shardings when given (see ``train/sharding.py``).
+
+    ``loss_fn`` computes one micro-batch's ``(total, aux)`` (:data:`~selfaug_jax.train.objective.LossFn`); the
+    default is the method's registry objective."""
+    fn = train_step_fn(model_def, optimizer, schedule, config, loss_fn)
     if state_shardings is None:
         return jax.jit(fn, donate_argnums=(0,))
     from selfaug_jax.train.sharding import with_activation_sharding  # hidden-state sharding constraints
@@ -223,6 +189,7 @@ def make_eval_step(
     model_def: ModelDef,
     config: StepConfig = StepConfig(),
     *,
+    loss_fn: LossFn = method_loss,
     state_shardings: Any = None,
     batch_sharding: Any = None,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
@@ -230,7 +197,8 @@ def make_eval_step(
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         _, metrics = _accumulate(
-            model_def, config, state.trainable, state.frozen, batch, jax.random.key(0), with_grad=False
+            model_def, config, state.trainable, state.frozen, batch, jax.random.key(0), with_grad=False,
+            loss_fn=loss_fn,
         )
         return metrics
 

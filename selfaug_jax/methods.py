@@ -1,0 +1,106 @@
+"""The method registry: every training method of the comparison, one declarative entry each.
+
+A method says four things, and nothing else in the project decides them:
+
+* **what trains** -- ``"lora"`` (LoRA adapters on the frozen base) or ``"all"`` (every parameter);
+* **what the reference is** -- ``"none"``; ``"base"``: the frozen base model, i.e. the policy graph with its
+  adapters multiplied by zero (LoRA methods only: no extra parameter memory, and bit-identical to the policy at
+  step 0); ``"copy"``: a frozen copy of all parameters made at step 0 (full fine-tuning);
+* **which loss terms** are added to the cross-entropy (their weights are config values, see
+  :mod:`selfaug_jax.train.objective`): ``"prompt_kl"`` (SelfAug: KL(p_ref || p_policy) on the prompt positions),
+  and the terms the baselines add;
+* **which training-data transform** is applied before tokenisation (``"none"``, or a replay / self-distillation
+  transform).
+
+The train step (:mod:`selfaug_jax.train.step`), the train state (:mod:`selfaug_jax.train.state`), config
+validation, the trainer, the report and the benchmarks read names and properties from here, so adding a method is
+one entry below (plus, for a new loss term, one function in the loss-terms table).
+
+``table`` places the method in the paper's comparison: 1 = a column of Table 1 (the baselines), 2 = a row of
+Table 2 (what is aligned), 0 = an extension of this project. Entries are listed in the paper's column order;
+:data:`METHODS` keeps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Trains = Literal["lora", "all"]
+Reference = Literal["none", "base", "copy"]
+DataTransform = Literal["none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One training method (see the module docstring).
+
+    Attributes:
+        name: the name used in configs, folders and ``summary.json``.
+        label: the column title in reports.
+        trains: ``"lora"`` or ``"all"``.
+        reference: ``"none"``, ``"base"`` (adapters off; LoRA only) or ``"copy"`` (a frozen copy; full FT only).
+        terms: loss terms added to the cross-entropy, by name.
+        data: the training-data transform, by name.
+        table: 1 / 2 = the paper's Table 1 / Table 2, 0 = this project's extension.
+        summary: one line for ``--help`` and the README.
+    """
+
+    name: str
+    label: str
+    trains: Trains
+    reference: Reference = "none"
+    terms: tuple[str, ...] = ()
+    data: str = "none"
+    table: int = 1
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reference == "base" and self.trains != "lora":
+            raise ValueError(f"method {self.name!r}: reference='base' (adapters off) needs trains='lora'")
+        if self.reference == "copy" and self.trains != "all":
+            raise ValueError(f"method {self.name!r}: reference='copy' is for trains='all' (LoRA uses 'base')")
+        if self.needs_reference_terms and self.reference == "none":
+            raise ValueError(f"method {self.name!r}: terms {self.terms} need a reference model")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.trains == "lora"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.reference != "none"
+
+    @property
+    def needs_reference_terms(self) -> bool:
+        return any(t in REFERENCE_TERMS for t in self.terms)
+
+
+# Loss terms that compare the policy with the reference model (the others, e.g. a weight penalty, do not).
+REFERENCE_TERMS = frozenset({"prompt_kl"})
+
+_ENTRIES: tuple[Method, ...] = (
+    Method("sft", "SFT", trains="all", summary="full fine-tuning, cross-entropy only"),
+    Method("lora", "LoRA", trains="lora", summary="LoRA adapters, cross-entropy only"),
+    Method("selfaug", "SelfAug", trains="lora", reference="base", terms=("prompt_kl",),
+           summary="LoRA + KL(p_base || p_policy) on the prompt tokens (the paper's method)"),
+    Method("sft-selfaug", "SFT + SelfAug", trains="all", reference="copy", terms=("prompt_kl",), table=0,
+           summary="full fine-tuning + the prompt-token KL to a frozen copy (the paper claims, never tests, this)"),
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registry entry of ``name``; an unknown name raises ``ValueError`` listing the choices."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}") from None
+
+
+def paper_order(names: list[str] | tuple[str, ...]) -> list[str]:
+    """``names`` in the registry's (the paper's) order; names not in the registry keep their order at the end."""
+    index = {n: i for i, n in enumerate(METHOD_NAMES)}
+    return sorted(names, key=lambda n: index.get(n, len(index)))

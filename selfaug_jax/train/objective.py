@@ -1,0 +1,129 @@
+"""A method's training objective for one micro-batch: cross-entropy plus the method's loss terms.
+
+``make_train_step(..., loss_fn=...)`` (``train/step.py``) accepts any function with :data:`LossFn`'s signature;
+:func:`method_loss` is the default and reads the method's registry entry (:mod:`selfaug_jax.methods`):
+
+    policy    = model_def.policy(trainable, frozen)                         # adapters on
+    hidden    = policy.hidden_states(batch)                                 # [B, T, D]
+    reference = model_def.reference(trainable, frozen)                      # stop-gradient, same step
+    total     = CE + alpha * KL(p_ref || p_policy)[aligned positions]       # one fused chunked pass, never [B, T, V]
+              + sum of the method's other terms
+
+Two kinds of term:
+
+* **logit terms** (:data:`LOGIT_TERMS`) align the policy's next-token distributions with the reference's on a set
+  of positions. They are computed by the fused CE + KL loss (``loss.selfaug_loss_from_hidden``) in the same chunk
+  loop as the cross-entropy; the table maps the term to the positions it aligns. A method has at most one.
+* **additive terms** (:data:`ADDITIVE_TERMS`) are functions of a :class:`TermContext` returning their weighted
+  value and metrics, added to the total.
+
+``aux`` always holds ``ce``, ``kl``, ``n_target_tokens`` and ``n_aligned_tokens`` (both 0 for a method without a
+logit term); additive terms add their own float scalars. Float entries are per-micro-batch values, int entries
+token counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from selfaug_jax import loss as loss_lib
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+"""``loss_fn(model_def, config, trainable, frozen, batch, rng, normalizers) -> (total, aux)``.
+
+``config`` is the step's ``StepConfig``; ``rng`` the dropout key (``None`` in evaluation); ``normalizers`` the
+``(targets, aligned)`` token counts to divide sums by for token-weighted accumulation, or ``None`` for this
+micro-batch's own counts (the released code)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TermContext:
+    """What an additive loss term may look at (one micro-batch, inside the traced step)."""
+
+    model_def: Any
+    config: Any
+    trainable: Any
+    frozen: Any
+    batch: Batch
+    hidden_btd: jax.Array
+    ref_hidden_btd: jax.Array | None
+    normalizers: tuple[jax.Array, jax.Array] | None
+
+
+# logit term -> the ``align`` value of the fused loss (a function of the step config, so options can choose).
+LOGIT_TERMS: dict[str, Callable[[Any], str]] = {
+    "prompt_kl": lambda config: config.loss.align,
+}
+
+# additive term -> fn(TermContext) -> (weighted value, {metric: float scalar}).
+ADDITIVE_TERMS: dict[str, Callable[[TermContext], tuple[jax.Array, dict[str, jax.Array]]]] = {}
+
+
+def _split_terms(terms: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    logit = [t for t in terms if t in LOGIT_TERMS]
+    other = tuple(t for t in terms if t not in LOGIT_TERMS)
+    unknown = [t for t in other if t not in ADDITIVE_TERMS]
+    if unknown:
+        raise ValueError(f"unknown loss term(s) {unknown}; known: {sorted(LOGIT_TERMS) + sorted(ADDITIVE_TERMS)}")
+    if len(logit) > 1:
+        raise ValueError(f"at most one logit-alignment term per method, got {logit}")
+    return (logit[0] if logit else None), other
+
+
+def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normalizers):
+    """The default :data:`LossFn`: CE plus the terms of ``model_def.spec`` (see the module docstring)."""
+    spec = model_def.spec
+    logit_term, additive = _split_terms(spec.terms)
+    kwargs = dict(
+        attention_mask=batch["attention_mask_bt"],
+        positions=batch.get("positions_bt"),
+        segment_ids=batch.get("segment_ids_bt"),
+    )
+    policy = model_def.policy(trainable, frozen)
+    hidden_btd = policy.hidden_states(batch["input_ids_bt"], dropout_rng=rng, **kwargs)
+    head_dv = policy.lm_head_weight()
+    if spec.uses_lora:
+        # The head is frozen (LoRA never adapts it; it is derived from `frozen`, which is not differentiated): under
+        # stop_gradient the fused loss's custom VJP sees it unperturbed and skips the head-gradient matmuls.
+        head_dv = jax.lax.stop_gradient(head_dv)
+    cfg = config.loss
+    n_target, n_aligned = normalizers if normalizers is not None else (None, None)
+    reference = model_def.reference(trainable, frozen) if spec.uses_reference else None
+    ref_hidden_btd = None
+    if reference is not None:
+        ref_hidden_btd = jax.lax.stop_gradient(reference.hidden_states(batch["input_ids_bt"], **kwargs))
+    if logit_term is not None:
+        ref_head_dv = jax.lax.stop_gradient(reference.lm_head_weight())
+        fused = dict(cfg.fused_kwargs(), align=LOGIT_TERMS[logit_term](config))
+        total, aux = loss_lib.selfaug_loss_from_hidden(
+            hidden_btd,
+            ref_hidden_btd,
+            head_dv,
+            batch["labels_bt"],
+            ref_lm_head_dv=ref_head_dv,
+            attention_mask_bt=batch["attention_mask_bt"],
+            num_target_tokens=n_target,
+            num_aligned_tokens=n_aligned,
+            **fused,
+        )
+    else:
+        total, aux = loss_lib.sft_loss_from_hidden(
+            hidden_btd,
+            head_dv,
+            batch["labels_bt"],
+            chunk_size=cfg.chunk_size,
+            grad_mode=cfg.grad_mode,
+            num_target_tokens=n_target,
+        )
+    aux = dict(aux)
+    if additive:
+        ctx = TermContext(model_def, config, trainable, frozen, batch, hidden_btd, ref_hidden_btd, normalizers)
+        for name in additive:
+            value, metrics = ADDITIVE_TERMS[name](ctx)
+            total = total + value
+            aux.update(metrics)
+    return total, aux
