@@ -24,6 +24,8 @@ identical trainings):
 * ``lora.*`` is read only by LoRA methods (``Method.trains == "lora"``);
 * the logit-alignment options of ``loss`` (:data:`LOGIT_TERM_KEYS`: alpha, direction, beta, temperature, align,
   include_padding) are read only by methods with a logit term (``selfaug``, ``sft-selfaug``);
+* a key of a method-option section (a section that some registry entry lists in ``Method.options``, e.g.
+  ``features.*`` for ``selfaug-features``) is read only by the methods that list it;
 * a key that the method overrides in ``train.method_overrides``.
 
 Any other key is assumed read by every method. A sweep whose keys no configured method reads is an error. With two
@@ -39,7 +41,7 @@ from typing import Any
 
 from selfaug_jax import run_names
 from selfaug_jax.experiment.config import ConfigError, ExperimentConfig, _build
-from selfaug_jax.methods import METHOD_NAMES, Method, get_method
+from selfaug_jax.methods import METHOD_NAMES, METHODS, Method, get_method
 from selfaug_jax.train.objective import LOGIT_TERMS
 
 __all__ = ["SHARED_SECTIONS", "LOGIT_TERM_KEYS", "RunSpec", "flatten_keys", "method_reads", "plan_runs",
@@ -104,6 +106,8 @@ def method_reads(method: Method, key: str, overridden: Mapping[str, Any] = {}) -
     section, _, field = key.partition(".")
     if section == "lora":
         return method.uses_lora
+    if any(section in m.options for m in METHODS.values()):
+        return section in method.options
     if section == "loss" and field in LOGIT_TERM_KEYS:
         return any(t in LOGIT_TERMS for t in method.terms)
     return True
@@ -166,7 +170,8 @@ def plan_runs(cfg: ExperimentConfig) -> list[RunSpec]:
                              for m in cfg.train.methods for k in points[0]):
         raise ConfigError(f"train.sweep: none of the methods {', '.join(cfg.train.methods)} reads "
                           f"{', '.join(points[0])} (lora.* is read by LoRA methods only, loss."
-                          f"{'/'.join(LOGIT_TERM_KEYS)} by methods with a logit term only)")
+                          f"{'/'.join(LOGIT_TERM_KEYS)} by methods with a logit term only, a Method.options "
+                          f"section by the methods that list it)")
     runs: list[RunSpec] = []
     for method in cfg.train.methods:
         own = overrides.get(method, {})
