@@ -193,8 +193,9 @@ def write_report(
                   render_table2(table2, intervals), ""]
     lines += generation_lines(results, order, registry)
     if intervals is not None:
-        lines += ["## Uncertainty", ""] + render_interval_tables(intervals, table["rows"], order, label,
-                                                                reference_methods[0] if reference_methods else "base")
+        lines += ["## Uncertainty", ""] + render_interval_tables(
+            intervals, table["rows"], order, label, reference_methods[0] if reference_methods else "base",
+            per_metric=False, pairs_with=compare[0])
         lines.append("")
     lines += ["## What this shows", ""]
     lines += [f"- {n}" for n in notes] or ["- Not enough methods or metrics to compare."]
