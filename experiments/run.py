@@ -55,7 +55,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the full traceback of input errors")
+    p.add_argument("--list-methods", action="store_true", help="print the method registry (name, paper table, "
+                   "what trains, reference, loss terms) and exit")
     return p.parse_args(argv)
+
+
+def list_methods() -> str:
+    """The registry as a plain-text table, in the paper's order (``--list-methods``)."""
+    from selfaug_jax.methods import METHODS
+
+    where = {1: "Table 1", 2: "Table 2", 0: "extension"}
+    rows = [(m.name, where.get(m.table, str(m.table)), m.trains, m.reference, "+".join(m.terms) or "-", m.summary)
+            for m in METHODS.values()]
+    width = [max(len(r[i]) for r in rows + [("method", "paper", "trains", "reference", "terms", "")])
+             for i in range(5)]
+    head = ("method", "paper", "trains", "reference", "terms", "summary")
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], width)) + "  " + r[5] for r in [head] + rows)
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -107,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_default_xla_flags()  # XLA reads $XLA_FLAGS once, when JAX starts its backend (below)
     args = parse_args(argv)
+    if args.list_methods:
+        print(list_methods())
+        return 0
     # Logs go to stdout; stderr carries only errors (and progress bars), so a bad input reads as one line there.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
