@@ -63,6 +63,7 @@ def split_run_name(name: str) -> tuple[str, str]:
 
 
 def dir_name(name: str) -> str:
-    """A filesystem- and shell-safe folder name of a run: ``selfaug[alpha=0.1,rank=8]`` -> ``selfaug_alpha=0.1_rank=8``."""
+    """A filesystem- and shell-safe folder name of a run (idempotent):
+    ``selfaug[alpha=0.1,rank=8]`` -> ``selfaug_alpha=0.1_rank=8``."""
     text = name.replace("[", "_").replace("]", "").replace(",", "_").replace("@", "_at")
     return re.sub(r"[^A-Za-z0-9._=+-]", "-", text)

@@ -34,9 +34,10 @@ Results schema (``SCHEMA_VERSION = 1``; every key but ``methods`` is optional)::
 
 Metric values are raw numbers (fractions for accuracies) or ``null``; the table shows ``value * scale``. Runs are
 columns in the registry's (the paper's) order, Base first, each method's sweep / adapter-scale variants after it
-(:mod:`selfaug_jax.eval.report_columns`); metrics are rows grouped downstream / general / shift / other. The **Average** row is the mean, per method, of the metrics flagged
-``in_average`` (each must be higher-is-better), mapped to 0-100 by ``avg_scale * shown + avg_offset`` (so the
-paper's CRAG score in [-100, 100] uses ``avg_scale=0.5, avg_offset=50``); a method missing any of them gets "—".
+(:mod:`selfaug_jax.eval.report_columns`); metrics are rows grouped downstream / general / shift / other.
+The **Average** row is the mean, per method, of the metrics flagged ``in_average`` (each must be
+higher-is-better), mapped to 0-100 by ``avg_scale * shown + avg_offset`` (so the paper's CRAG score in
+[-100, 100] uses ``avg_scale=0.5, avg_offset=50``); a method missing any of them gets "—".
 The best value of a row is bold, compared on the shown (rounded) numbers among the fine-tuned methods (the
 ``reference_methods``, by default ``base``, are shown but not ranked: the base model trivially has zero shift).
 

@@ -9,8 +9,8 @@ without edits here:
   the registry does not know come last, in the order given;
 * **label** -- the registry's ``label`` plus the run's variant: ``SelfAug [alpha=0.1]``, ``LoRA @0.5``;
 * **block** -- ``"table1"`` for ``base`` and the plain runs of ``table == 1`` methods; ``"table2"`` for the runs of
-  ``table == 2`` methods (Table 2's feature ablation; their adapter-scale runs are extras); ``"extra"`` for extensions (``table == 0``), every sweep or
-  adapter-scale variant and unknown names.
+  ``table == 2`` methods (Table 2's feature ablation; their adapter-scale runs are extras); ``"extra"`` for
+  extensions (``table == 0``), every sweep or adapter-scale variant and unknown names.
 
 Every function takes an optional ``registry`` (``{name: Method}``; default :data:`selfaug_jax.methods.METHODS`, read
 at call time), so reports of other method sets (and tests with stand-in registries) work the same way.

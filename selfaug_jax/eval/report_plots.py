@@ -26,8 +26,10 @@ def _num(x: Any) -> bool:
 
 
 def _color(method: str, order: Sequence[str]) -> Any:
-    """Colour by position in ``order`` (callers append methods missing from it, so colours are stable)."""
-    return plt.get_cmap("tab10")(list(order).index(method) % 10)
+    """Colour by position in ``order`` (callers append methods missing from it, so colours are stable); tab10, or
+    tab20 when there are more than 10 runs (sweeps, adapter scales)."""
+    n = 10 if len(order) <= 10 else 20
+    return plt.get_cmap(f"tab{n}")(list(order).index(method) % n)
 
 
 def _series(records: Sequence[Mapping[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:

@@ -186,7 +186,8 @@ def build_table2(results: Mapping[str, Any], *, metrics: Sequence[str] | None = 
         infos = resolve_metric_info(results)
         metrics = [m for m in infos if infos[m].in_average] + [shift_key]
     by_metric = {r["metric"]: r for r in table["rows"]}
-    columns = [by_metric[m] for m in metrics if m in by_metric and any(v is not None for v in by_metric[m]["values"].values())]
+    columns = [by_metric[m] for m in metrics
+               if m in by_metric and any(v is not None for v in by_metric[m]["values"].values())]
     return {"runs": runs, "row_labels": labels, "columns": columns, "average": table["average"]}
 
 
