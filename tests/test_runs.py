@@ -157,3 +157,10 @@ def test_presets_load_and_validate():
         assert t2.train.sweep == {"features.site": ["q", "k", "v", "o", "attn", "ffn", "residual"]}, \
             "paper-table2.yaml: uncomment methods / sweep"
         assert [r.name for r in plan_runs(t2)][-1] == "selfaug"  # selfaug does not read features.*
+
+
+def test_list_methods_prints_the_registry():
+    lines = _cli().list_methods().splitlines()
+    assert lines[0].split()[:5] == ["method", "paper", "trains", "reference", "terms"]
+    assert [line.split()[0] for line in lines[1:]] == list(methods_lib.METHOD_NAMES)
+    assert lines[1 + methods_lib.METHOD_NAMES.index("selfaug")].split()[1:5] == ["Table", "1", "lora", "base"]
