@@ -8,6 +8,8 @@
     python experiments/run.py --preset paper-crag --model /path/Qwen2.5-7B-Instruct --data crag_task_1_dev_v4.jsonl.bz2
     python experiments/run.py --resume --out runs/default   # continue every method from its latest checkpoint
     python experiments/run.py --cpu-devices 8 --mesh data=2,fsdp=2,tensor=2 --preset smoke
+    python experiments/run.py --sweep loss.alpha=0.1,0.3,0.5,1.0   # one run (column) per value: selfaug[alpha=0.1]
+    python experiments/run.py --preset compare-cpu                 # every method on SmolLM2, <= 60 min on 2 cores
 
 Positional ``section.key=value`` arguments override any config field (see ``experiments/configs/*.yaml``).
 
@@ -29,12 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from selfaug_jax.methods import METHOD_NAMES  # no JAX import: --help stays fast
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=4")
     p.add_argument("--preset", "--config", dest="preset", default="default",
                    help="preset name under experiments/configs/ or a YAML file (default: default)")
-    p.add_argument("--method", help="train a single method: lora | selfaug | sft | sft-selfaug")
+    p.add_argument("--method", help="train a single method: " + " | ".join(METHOD_NAMES))
     p.add_argument("--compare", help="comma-separated methods run on the same data and seed, e.g. lora,selfaug")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one run per value of a dotted config key, e.g. loss.alpha=0.1,0.5 (columns selfaug[alpha=0.1]"
+                        ", ...); several flags = their product; methods that never read the key run once "
+                        "(rules: selfaug_jax/experiment/runs.py)")
     p.add_argument("--model", help="HF model dir, .gguf file, or smollm2-135m-instruct")
     p.add_argument("--data", help="training data: our JSONL, CRAG task 1 .jsonl.bz2, RAG-Instruct .json, Alpaca / "
                         "ShareGPT / OpenAI messages (data.format, data.columns.*), .parquet / .arrow / a "
@@ -47,7 +55,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the full traceback of input errors")
+    p.add_argument("--list-methods", action="store_true", help="print the method registry (name, paper table, "
+                   "what trains, reference, loss terms) and exit")
     return p.parse_args(argv)
+
+
+def list_methods() -> str:
+    """The registry as a plain-text table, in the paper's order (``--list-methods``)."""
+    from selfaug_jax.methods import METHODS
+
+    where = {1: "Table 1", 2: "Table 2", 0: "extension"}
+    rows = [(m.name, where.get(m.table, str(m.table)), m.trains, m.reference, "+".join(m.terms) or "-", m.summary)
+            for m in METHODS.values()]
+    width = [max(len(r[i]) for r in rows + [("method", "paper", "trains", "reference", "terms", "")])
+             for i in range(5)]
+    head = ("method", "paper", "trains", "reference", "terms", "summary")
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], width)) + "  " + r[5] for r in [head] + rows)
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -78,6 +101,10 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
         out.append(f"mesh.cpu_devices={args.cpu_devices}")
     if args.distributed:
         out.append("mesh.distributed=true")
+    if args.sweep:
+        from selfaug_jax.experiment.runs import sweep_override
+
+        out.append(sweep_override(args.sweep))
     return out + list(args.overrides)
 
 
@@ -95,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_default_xla_flags()  # XLA reads $XLA_FLAGS once, when JAX starts its backend (below)
     args = parse_args(argv)
+    if args.list_methods:
+        print(list_methods())
+        return 0
     # Logs go to stdout; stderr carries only errors (and progress bars), so a bad input reads as one line there.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)

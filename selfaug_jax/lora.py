@@ -115,15 +115,24 @@ def strip_lora(model: DecoderLM) -> DecoderLM:
     return model
 
 
-def merge_lora(model: DecoderLM) -> DecoderLM:
-    """Fold every adapter into its base kernel (``W += A @ B * scale``, in float32) and remove the adapters, in place."""
+def merge_lora(model: DecoderLM, scale: float = 1.0) -> DecoderLM:
+    """Fold every adapter into its base kernel and remove the adapters, in place:
+    ``W = W0 + scale * (alpha / r) * A @ B`` (in float32, cast back to the kernel's dtype).
+
+    ``scale`` in (0, 1] is WiSE-FT's weight-space interpolation (Wortsman et al., arXiv 2109.01903):
+    ``(1 - s) * W0 + s * W_ft`` with ``W_ft = W0 + (alpha / r) * A @ B`` equals ``W0 + s * (alpha / r) * A @ B``,
+    so for LoRA it is exactly merging the adapter at scale ``s`` (1 = the fine-tuned model).
+    """
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"merge_lora: scale must be in (0, 1] (WiSE-FT interpolation), got {scale}")
     for _, linear in lora_targets(model, ALL_LINEAR_TARGETS):
         if linear.lora_a is None:
             continue
         kernel = linear.kernel[...]
         # [L, in, r] @ [L, r, out] -> [L, in, out] (a batched matmul over the layer axis)
         delta = jnp.matmul(linear.lora_a[...].astype(jnp.float32), linear.lora_b[...].astype(jnp.float32))
-        linear.kernel.set_value((kernel.astype(jnp.float32) + delta * linear.lora_scale).astype(kernel.dtype))
+        linear.kernel.set_value(
+            (kernel.astype(jnp.float32) + delta * (linear.lora_scale * scale)).astype(kernel.dtype))
     return strip_lora(model)
 
 

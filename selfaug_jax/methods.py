@@ -44,6 +44,9 @@ class Method:
         data: the training-data transform, by name.
         table: 1 / 2 = the paper's Table 1 / Table 2, 0 = this project's extension.
         summary: one line for ``--help`` and the README.
+        options: top-level config sections that only this method (and others listing them) reads, e.g.
+            ``("features",)``; a sweep of a key in such a section runs only those methods
+            (:mod:`selfaug_jax.experiment.runs`).
     """
 
     name: str
@@ -54,6 +57,7 @@ class Method:
     data: str = "none"
     table: int = 1
     summary: str = ""
+    options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.reference == "base" and self.trains != "lora":

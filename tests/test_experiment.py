@@ -132,3 +132,32 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     resumed = _run(common + ["--out", str(killed_dir), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _metrics(killed_dir / "selfaug" / "metrics.jsonl") == _metrics(tmp_path / "full" / "selfaug" / "metrics.jsonl")
+
+
+def test_sweep_and_adapter_scales_end_to_end(tmp_path):
+    """--sweep gives one run (column, folder) per value, the base model is evaluated once, and eval.adapter_scales
+    adds a WiSE-FT column per LoRA run."""
+    out_dir = tmp_path / "sweep"
+    proc = _run(["--preset", "smoke", "--out", str(out_dir), "--method", "selfaug", "--sweep", "loss.alpha=0.1,2.0",
+                 "train.max_steps=3", "train.export=false", "eval.adapter_scales=[0.5]", "eval.n_knowledge=0",
+                 "eval.n_shift_rag=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    names = ["base", "selfaug[alpha=0.1]", "selfaug[alpha=0.1]@0.5", "selfaug[alpha=2.0]", "selfaug[alpha=2.0]@0.5"]
+    assert list(summary["methods"]) == names
+    assert summary["runs"]["selfaug[alpha=2.0]"]["sweep"] == {"loss.alpha": 2.0}
+    assert summary["runs"]["selfaug[alpha=2.0]@0.5"]["adapter_scale"] == 0.5
+    assert [s["stage"] for s in summary["stages"]].count("base eval") == 1
+    curves = summary["curves"]
+    assert set(curves) == {"selfaug[alpha=0.1]", "selfaug[alpha=2.0]"}
+    # the swept alpha reached the loss: same CE and KL at step 1 (adapters zero), different totals later
+    a, b = curves["selfaug[alpha=0.1]"][-1], curves["selfaug[alpha=2.0]"][-1]
+    assert a["loss"] == pytest.approx(a["ce"] + 0.1 * a["kl"], rel=1e-4)
+    assert b["loss"] == pytest.approx(b["ce"] + 2.0 * b["kl"], rel=1e-4)
+    for run in ("selfaug_alpha=0.1", "selfaug_alpha=2.0"):
+        assert len((out_dir / run / "metrics.jsonl").read_text().splitlines()) == 3
+    # half the adapter drifts less from the base model than the whole one
+    m = summary["methods"]
+    assert 0.0 < m["selfaug[alpha=0.1]@0.5"]["shift_general_input"] < m["selfaug[alpha=0.1]"]["shift_general_input"]
+    report = (out_dir / "report.md").read_text()
+    assert "| Metric | Base | SelfAug [alpha=0.1] | SelfAug [alpha=0.1] @0.5 | SelfAug [alpha=2.0] |" in report

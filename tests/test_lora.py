@@ -87,3 +87,28 @@ def test_peft_export_reproduces_logits_and_merge(tiny, tmp_path):
     # same structure as the plain base model, so jitted evaluation functions are shared
     assert nnx.graphdef(merged) == nnx.graphdef(load_pretrained(d))
     np.testing.assert_allclose(np.asarray(merged(jnp.asarray(ids))), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.25])
+def test_scaled_merge_matches_numpy_wise_ft(tiny, scale):
+    """merge_lora(model, s) = W0 + s * (alpha / r) * A @ B per layer (float64 NumPy reference), i.e. WiSE-FT's
+    (1 - s) * W0 + s * W_ft; a scale outside (0, 1] is refused."""
+    d, _ = tiny
+    model = add_lora(load_pretrained(d), CFG, nnx.Rngs(params=2))
+    _randomise_b(model, seed=3)
+    want, w0s = {}, {}
+    for path, linear in lora_targets(model, ALL_LINEAR_TARGETS):
+        w0 = np.asarray(linear.kernel[...], np.float64)
+        a, b = np.asarray(linear.lora_a[...], np.float64), np.asarray(linear.lora_b[...], np.float64)
+        w0s[path] = w0
+        want[path] = w0 + scale * (CFG.alpha / CFG.rank) * np.einsum("lir,lro->lio", a, b)
+        w_ft = w0 + (CFG.alpha / CFG.rank) * np.einsum("lir,lro->lio", a, b)
+        np.testing.assert_allclose(want[path], (1 - scale) * w0 + scale * w_ft, rtol=0, atol=1e-12)
+    merged = merge_lora(model, scale=scale)
+    for path, linear in lora_targets(merged, ALL_LINEAR_TARGETS):
+        got = np.asarray(linear.kernel[...], np.float64)
+        np.testing.assert_allclose(got, want[path], rtol=0, atol=1e-6)
+        assert np.abs(want[path] - w0s[path]).max() > 1e-4  # the adapter really moves every kernel
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"scale must be in \(0, 1\]"):
+            merge_lora(add_lora(load_pretrained(d), CFG), scale=bad)

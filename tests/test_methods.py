@@ -37,3 +37,11 @@ def test_config_accepts_exactly_the_registry_names():
         assert build_config("smoke", [f"train.methods=[{name}]"], check_paths=False).train.methods == (name,)
     with pytest.raises(ConfigError, match="'magic' is not one of"):
         build_config("smoke", ["train.methods=[magic]"], check_paths=False)
+
+
+def test_readme_lists_every_registered_method():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [name for name in METHOD_NAMES if f"| `{name}` |" not in readme]
+    assert not missing, f"README.md's method table lacks {missing}"

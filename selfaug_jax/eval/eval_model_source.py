@@ -99,7 +99,9 @@ def resolve_eval_model(spec: EvalModelSpec) -> ResolvedModel:
     method = method or (methods[-1] if methods else None)
     if method is None:
         raise ValueError(f"{path / 'config.json'}: train.methods is empty; pass method=NAME")
-    export = path / method / "export"
+    from selfaug_jax.run_names import dir_name
+
+    export = path / dir_name(method) / "export"  # a sweep run's name (selfaug[alpha=0.1]) or its folder name
     if not export.is_dir():
         raise ValueError(f"{export}: no exported model for method {method!r} (run with train.export=true); "
                          f"methods of this run: {', '.join(methods)}")

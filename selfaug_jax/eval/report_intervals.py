@@ -83,8 +83,12 @@ def format_interval(d: Mapping[str, Any] | None, decimals: int, signed: bool = F
 
 
 def render_interval_tables(intervals: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], methods: Sequence[str],
-                           label: Any = str, reference: str = "base") -> list[str]:
-    """Markdown lines: per-metric intervals, change from base (gain / forgetting), and method-vs-method pairs.
+                           label: Any = str, reference: str = "base", *, per_metric: bool = True,
+                           pairs_with: str | None = None) -> list[str]:
+    """Markdown lines: per-metric intervals (unless ``per_metric=False``: the report's tables already show them),
+    change from base (gain / forgetting), and method-vs-method pairs (only those involving ``pairs_with`` when
+    given and measured: with many runs, every pair would be a table of dozens of columns; ``summary.json`` keeps
+    all).
 
     ``rows`` are the report table's rows (``metric``, ``label``, ``group``, ``decimals``, ``higher_is_better``), in
     order; metrics without intervals are left out."""
@@ -96,12 +100,17 @@ def render_interval_tables(intervals: Mapping[str, Any], rows: Sequence[Mapping[
     lines = [f"{conf} intervals: percentile bootstrap over items ({bs['n_resamples']} resamples, seed {bs['seed']}); "
              "differences are paired (every model answered the same items). * = the difference's interval "
              "excludes 0.", ""]
-    lines += ["| Metric | n | " + " | ".join(label(m) for m in methods) + " |", "|---|---:|" + "---:|" * len(methods)]
-    for r in rows:
-        per = intervals["metrics"][r["metric"]]
-        n = next((v["n"] for v in per.values()), 0)
-        cells = [format_interval(per.get(m), r["decimals"]) for m in methods]
-        lines.append(f"| {r['label']} | {n} | " + " | ".join(cells) + " |")
+    if per_metric:
+        lines += ["| Metric | n | " + " | ".join(label(m) for m in methods) + " |",
+                  "|---|---:|" + "---:|" * len(methods)]
+        for r in rows:
+            per = intervals["metrics"][r["metric"]]
+            n = next((v["n"] for v in per.values()), 0)
+            cells = [format_interval(per.get(m), r["decimals"]) for m in methods]
+            lines.append(f"| {r['label']} | {n} | " + " | ".join(cells) + " |")
+    else:
+        ns = sorted({v["n"] for r in rows for v in intervals["metrics"][r["metric"]].values()})
+        lines += [f"Items per metric: {', '.join(map(str, ns))} (per-run intervals: in the tables above)."]
     tuned = [m for m in methods if m != reference]
     vs = intervals.get("vs_base", {})
     if any(vs.get(r["metric"]) for r in rows) and tuned:
@@ -117,6 +126,8 @@ def render_interval_tables(intervals: Mapping[str, Any], rows: Sequence[Mapping[
     pair_names = []
     for r in rows:
         pair_names += [p for p in intervals.get("pairs", {}).get(r["metric"], {}) if p not in pair_names]
+    if pairs_with is not None and any(pairs_with in p.split(" vs ", 1) for p in pair_names):
+        pair_names = [p for p in pair_names if pairs_with in p.split(" vs ", 1)]
     if pair_names:
         heads = [" − ".join(label(x) for x in p.split(" vs ", 1)) for p in pair_names]
         lines += ["", "### Method vs method", "", "| Metric | " + " | ".join(heads) + " |",

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_curves", "plot_shift_vs_ifeval", "plot_comparison", "plot_tradeoff"]
+__all__ = ["plot_curves", "plot_shift_vs_ifeval", "plot_comparison", "plot_tradeoff", "pareto_front", "plot_pareto"]
 
 
 def _num(x: Any) -> bool:
@@ -26,8 +26,10 @@ def _num(x: Any) -> bool:
 
 
 def _color(method: str, order: Sequence[str]) -> Any:
-    """Colour by position in ``order`` (callers append methods missing from it, so colours are stable)."""
-    return plt.get_cmap("tab10")(list(order).index(method) % 10)
+    """Colour by position in ``order`` (callers append methods missing from it, so colours are stable); tab10, or
+    tab20 when there are more than 10 runs (sweeps, adapter scales)."""
+    n = 10 if len(order) <= 10 else 20
+    return plt.get_cmap(f"tab{n}")(list(order).index(method) % n)
 
 
 def _series(records: Sequence[Mapping[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
@@ -184,4 +186,59 @@ def plot_tradeoff(intervals: Mapping[str, Any], path: str | Path, downstream: st
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Trade-off: downstream gain vs change in general capability (95% intervals)", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]], maximize_y: bool = True) -> list[str]:
+    """The non-dominated points (x higher is better; y higher or, with ``maximize_y=False``, lower is better), by x.
+
+    ``p`` is dominated when some ``q`` is at least as good on both axes and strictly better on one."""
+    sign = 1.0 if maximize_y else -1.0
+    pts = {k: (float(x), sign * float(y)) for k, (x, y) in points.items()}
+    front = [k for k, (x, y) in pts.items()
+             if not any(qx >= x and qy >= y and (qx > x or qy > y) for q, (qx, qy) in pts.items() if q != k)]
+    return sorted(front, key=lambda k: (pts[k][0], -pts[k][1]))
+
+
+def plot_pareto(table: Mapping[str, Any], path: str | Path, *, downstream: str,
+                panels: Sequence[tuple[str, bool, str]], intervals: Mapping[str, Any] | None = None,
+                label: Callable[[str], str] = str, order: Sequence[str] = ()) -> Path | None:
+    """``pareto.png``: every run (method, sweep value, adapter scale, base) at (downstream score, retention), with
+    its 95% intervals as error bars, labelled; the non-dominated front drawn as a dashed line.
+
+    ``table`` is the report's full table (shown values); ``panels`` = ``[(metric, higher_is_better, axis label)]``
+    for the y axes (e.g. IFEval, higher is better; KL on general prompts, lower is better). A panel without two
+    measured points is left out; ``None`` when no panel remains."""
+    rows = {r["metric"]: r for r in table["rows"]}
+    if downstream not in rows:
+        return None
+    xs = rows[downstream]["values"]
+    ivs = (intervals or {}).get("metrics", {})
+    made = []
+    for metric, higher, ylabel in panels:
+        if metric not in rows:
+            continue
+        ys = rows[metric]["values"]
+        pts = {m: (xs[m], ys[m]) for m in table["methods"]
+               if _num(xs.get(m)) and _num(ys.get(m))}
+        if len(pts) >= 2:
+            made.append((metric, higher, ylabel, pts))
+    if not made:
+        return None
+    colours = list(order) + [m for m in table["methods"] if m not in order]
+    fig, axes = plt.subplots(1, len(made), figsize=(5.6 * len(made), 4.6), squeeze=False)
+    for ax, (metric, higher, ylabel, pts) in zip(axes[0], made):
+        for m, (x, y) in pts.items():
+            xe, ye = _yerr(ivs.get(downstream, {}).get(m), x), _yerr(ivs.get(metric, {}).get(m), y)
+            ax.errorbar([x], [y], xerr=[[xe[0]], [xe[1]]], yerr=[[ye[0]], [ye[1]]], fmt="o", capsize=3,
+                        color=_color(m, colours), ms=5)
+            ax.annotate(label(m), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = pareto_front(pts, maximize_y=higher)
+        ax.plot([pts[m][0] for m in front], [pts[m][1] for m in front], ls="--", color="black", lw=1,
+                label=f"non-dominated front ({len(front)})")
+        ax.set_xlabel(f"{rows[downstream]['label']} (downstream, higher is better →)")
+        ax.set_ylabel(f"{ylabel} ({'higher is better ↑' if higher else 'lower is better ↓'})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Downstream score vs retention, one point per run (95% intervals)", fontsize=10)
     return _save(fig, Path(path))

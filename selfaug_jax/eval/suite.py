@@ -121,6 +121,8 @@ class EvalConfig:
       seed: subset seed.
       lm_eval_tasks / lm_eval_include_path / lm_eval_limit: lm-evaluation-harness tasks for every model (run by
         the experiment runner, not by :func:`evaluate_model`), an extra task directory, documents per task.
+      adapter_scales: WiSE-FT scales in (0, 1): the runner also evaluates every LoRA run with its adapter merged at
+        each scale (columns ``lora@0.5``; :func:`selfaug_jax.lora.merge_lora`). Not read by :func:`evaluate_model`.
     """
 
     n_rag: int | None = 64
@@ -149,8 +151,16 @@ class EvalConfig:
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_include_path: str | None = None  # directory of extra task YAMLs (lm-eval's --include_path)
     lm_eval_limit: int | None = None  # documents per task (None = all)
+    # WiSE-FT for LoRA (arXiv 2109.01903): every LoRA run is also evaluated with its adapter merged at each scale s
+    # in (0, 1) -- (1 - s) * W0 + s * W_ft -- as extra report columns "lora@0.5" (read by the experiment runner).
+    adapter_scales: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        for s in self.adapter_scales:
+            if not 0.0 < s < 1.0:
+                raise ValueError(f"EvalConfig.adapter_scales: {s} must be in (0, 1) (1 is the run's own column)")
+        if len(set(self.adapter_scales)) != len(self.adapter_scales):
+            raise ValueError(f"EvalConfig.adapter_scales: {list(self.adapter_scales)} repeats a scale")
         for name in ("n_rag", "n_ifeval", "n_shift_general", "n_shift_rag", "n_mc", "n_knowledge"):
             v = getattr(self, name)
             if v is not None and v < 0:

@@ -135,6 +135,11 @@ class TrainSection:
     eval_every_steps: PositiveInt | None = None
     eval_every_epoch: bool = False
     export: bool = True  # export merged HF model + PEFT adapter at the end
+    # {dotted key: [values]}: one run per value (several keys: their product), e.g. {loss.alpha: [0.1, 0.5]};
+    # --sweep on the command line. Rules (which keys, which methods): selfaug_jax/experiment/runs.py.
+    sweep: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # {method: {dotted key: value}}: config values for one method only, e.g. {sft: {optimizer.learning_rate: 1e-5}}.
+    method_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -228,6 +233,10 @@ class ExperimentConfig:
         for f, p in self.eval.mc_files.items():
             if check_paths and not Path(p).exists():
                 raise ConfigError(f"eval.mc_files.{f}: file {p!r} does not exist")
+        if self.train.sweep or self.train.method_overrides:
+            from selfaug_jax.experiment.runs import plan_runs
+
+            plan_runs(self)  # every run's config is built and checked now (train.sweep, train.method_overrides)
         return self
 
 

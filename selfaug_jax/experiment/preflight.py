@@ -151,13 +151,16 @@ def check_tokenizer(tokenizer: Any, cfg: ExperimentConfig, model_dir: Path) -> N
 
 def check_resume(cfg: ExperimentConfig) -> None:
     """``--resume`` needs a checkpoint of at least one method under ``output.dir``."""
+    from selfaug_jax.experiment.runs import plan_runs
+
     out = Path(cfg.output.dir)
-    found = [m for m in cfg.train.methods if _has_checkpoint(out / m / "checkpoints")]
+    dirs = {r.name: r.dir_name for r in plan_runs(cfg)}  # one folder per run (sweep points have their own)
+    found = [m for m, d in dirs.items() if _has_checkpoint(out / d / "checkpoints")]
     if not found:
-        where = ", ".join(str(out / m / "checkpoints") for m in cfg.train.methods)
+        where = ", ".join(str(out / d / "checkpoints") for d in dirs.values())
         raise InputError(f"--resume: no checkpoint to resume from in {where}; run without --resume to start "
                          "fresh, or give the --out of the run to continue")
-    missing = [m for m in cfg.train.methods if m not in found]
+    missing = [m for m in dirs if m not in found]
     if missing:
         logger.info("--resume: no checkpoint yet for %s; those methods start from step 0", ", ".join(missing))
 

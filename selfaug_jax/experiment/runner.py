@@ -27,6 +27,9 @@ from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.experiment.preflight import check_tokenizer, preflight
 from selfaug_jax.experiment.train_data import tokenized_train_source
 from selfaug_jax.experiment.progress import StageTracker
+from selfaug_jax.experiment.runs import plan_runs, run_config
+from selfaug_jax.run_names import scaled_name
+from selfaug_jax.methods import get_method
 from selfaug_jax.experiment.trainer import is_main_process, train_method
 from selfaug_jax.models import load_pretrained
 
@@ -58,7 +61,13 @@ def _lm_eval(model, tokenizer, cfg: ExperimentConfig) -> dict[str, Any]:
 def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the configured methods and write ``summary.json``, ``report.md`` and plots to ``cfg.output.dir``."""
     t0 = time.perf_counter()
-    methods = list(cfg.train.methods)
+    # One run per method, or per sweep point of it (train.sweep), each with its method's overrides
+    # (train.method_overrides): selfaug_jax/experiment/runs.py. Run names are the report's columns.
+    runs = plan_runs(cfg)
+    methods = [r.name for r in runs]
+    scales = tuple(cfg.eval.adapter_scales)
+    if scales and not any(get_method(r.method).uses_lora for r in runs):
+        logger.warning("eval.adapter_scales=%s: no LoRA method in this run; no scaled columns", list(scales))
     tracker = StageTracker(["data", "base eval"] + [f"{m} {k + 1}/{len(methods)}" for k, m in enumerate(methods)]
                            + ["report"], kinds=["data", "eval"] + ["method"] * len(methods) + ["report"],
                            stream=sys.stderr if progress and is_main_process() else None)
@@ -104,6 +113,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         "curves": {},
         "evals_over_training": {},
         "timing_s": {},
+        "runs": {"base": {"method": "base"}, **{r.name: r.as_dict() for r in runs}},
     }
     periodic = bool(cfg.train.eval_every_steps or cfg.train.eval_every_epoch)
 
@@ -111,16 +121,17 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         return evaluate_model(model, tokenizer, eval_data, cfg.eval, original_model=base_model,
                               reference_responses=ref_responses)[0]
 
-    for k, method in enumerate(methods):
+    for k, spec in enumerate(runs):
+        method = spec.name
         tracker.begin(f"{method} {k + 1}/{len(methods)}")
         t_method = time.perf_counter()
         run = train_method(
-            method,
-            cfg,
+            spec.method,
+            run_config(cfg, spec) if spec.overrides else cfg,
             model=load_model(cfg, model_dir),
             source=source,
             pad_id=pad_id,
-            out_dir=out / method,
+            out_dir=out / spec.dir_name,
             resume=resume,
             evaluate=evaluate if periodic else None,
             plan=plan,
@@ -144,6 +155,20 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         results["timing_s"][method] = {"train": round(run.wall_time_s, 1),
                                        "total": round(time.perf_counter() - t_method, 1)}
         results["items"][method] = samples.pop("items", {})
+        for scale in scales if get_method(spec.method).uses_lora else ():  # WiSE-FT columns (eval.adapter_scales)
+            name = scaled_name(method, scale)
+            t_scaled = time.perf_counter()
+            scaled_model = run.eval_model(scale)
+            results["methods"][name], scaled_samples = evaluate_model(
+                scaled_model, tokenizer, eval_data, cfg.eval, original_model=base_model,
+                reference_responses=ref_responses)
+            if cfg.eval.lm_eval_tasks:
+                lm_eval_results[name] = _lm_eval(scaled_model, tokenizer, cfg)
+            results["items"][name] = scaled_samples.pop("items", {})
+            results["samples"][name] = scaled_samples
+            results["runs"][name] = {**spec.as_dict(), "adapter_scale": scale}
+            results["timing_s"][name] = {"eval": round(time.perf_counter() - t_scaled, 1)}
+            del scaled_model, scaled_samples
         del run, samples
         gc.collect()  # the method's train step, merged model and their compiled executables
 

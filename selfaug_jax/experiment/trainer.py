@@ -79,17 +79,20 @@ class MethodRun:
         """The trained model as trained (adapters attached for LoRA methods), on the live state."""
         return self.model_def.merged_model(self.state)
 
-    def eval_model(self) -> DecoderLM:
+    def eval_model(self, adapter_scale: float = 1.0) -> DecoderLM:
         """The trained model for evaluation: LoRA folded into the weights (on copies), so it has the base model's
-        structure and every jitted evaluation function compiled for the base model is reused."""
-        return eval_model(self.model_def, self.state)
+        structure and every jitted evaluation function compiled for the base model is reused. ``adapter_scale``
+        < 1 merges the adapter at that scale (WiSE-FT, :func:`selfaug_jax.lora.merge_lora`; LoRA methods only)."""
+        return eval_model(self.model_def, self.state, adapter_scale)
 
 
-def eval_model(model_def: ModelDef, state: TrainState) -> DecoderLM:
-    """A standalone copy of the policy with LoRA merged (see :meth:`MethodRun.eval_model`)."""
+def eval_model(model_def: ModelDef, state: TrainState, adapter_scale: float = 1.0) -> DecoderLM:
+    """A standalone copy of the policy with LoRA merged at ``adapter_scale`` (see :meth:`MethodRun.eval_model`)."""
+    if adapter_scale != 1.0 and not model_def.spec.uses_lora:
+        raise ValueError(f"adapter_scale={adapter_scale}: method {model_def.spec.name!r} has no LoRA adapter to scale")
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (new Variables: the state is never touched)
     model = model_def.policy(copy(state.trainable), copy(state.frozen))
-    return merge_lora(model) if model_def.spec.uses_lora else model
+    return merge_lora(model, scale=adapter_scale) if model_def.spec.uses_lora else model
 
 
 def is_main_process() -> bool:
