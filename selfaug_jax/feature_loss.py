@@ -33,7 +33,13 @@ of the policy's layer scan, whose body computes this layer's masked distance sum
 leaves the policy's scan, so the policy's taps are neither scan outputs nor kept for (or differentiated through)
 anything outside the layer. At batch 4 x 256 on SmolLM2-135M (30 layers, D = 576, 9 heads and 3 KV heads of 64) the
 reference's taps take ``30 * 4 * 256 * F`` values: 67.5 MiB for ``residual`` / ``ffn`` / ``o`` / ``q`` (F = 576),
-22.5 MiB for ``k`` / ``v`` (F = 192), 180 MiB for ``attn`` (F = 1536) in float32 (half in bfloat16).
+22.5 MiB for ``k`` / ``v`` (F = 192), 180 MiB for ``attn`` (F = 1536) in float32 (half in bfloat16). XLA:CPU's
+temporaries of the whole train step (``bench/feature_memory.py``, float32, remat ``dots``): ``lora`` 1503 MiB,
+``selfaug`` 2178 MiB, ``selfaug-features`` with ``k`` 1526 MiB (+22.5: exactly the reference's taps), ``attn``
+1683 MiB, ``residual`` 1706 MiB. The alternative where the policy's taps also leave its scan measured 1779 MiB for
+``attn`` (more) but 1589 MiB for ``residual`` (less: XLA:CPU then shares the stacked layer outputs with the
+backward's saved carries); the in-scan design is kept for its bound (no policy-side ``[L, b, t, F]`` tensor or
+cotangent whatever the site).
 """
 
 from __future__ import annotations
