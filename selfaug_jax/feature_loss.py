@@ -37,9 +37,8 @@ reference's taps take ``30 * 4 * 256 * F`` values: 67.5 MiB for ``residual`` / `
 temporaries of the whole train step (``bench/feature_memory.py``, float32, remat ``dots``): ``lora`` 1503 MiB,
 ``selfaug`` 2178 MiB, ``selfaug-features`` with ``k`` 1526 MiB (+22.5: exactly the reference's taps), ``attn``
 1683 MiB, ``residual`` 1706 MiB. The alternative where the policy's taps also leave its scan measured 1779 MiB for
-``attn`` (more) but 1589 MiB for ``residual`` (less: XLA:CPU then shares the stacked layer outputs with the
-backward's saved carries); the in-scan design is kept for its bound (no policy-side ``[L, b, t, F]`` tensor or
-cotangent whatever the site).
+``attn`` (more) but 1589 MiB for ``residual`` (less, on XLA:CPU; not analysed further); the in-scan design is kept
+for its bound (no policy-side ``[L, b, t, F]`` tensor or cotangent, whatever the site).
 """
 
 from __future__ import annotations
