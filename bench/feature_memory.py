@@ -1,4 +1,4 @@
-"""XLA's buffer assignment of the ``selfaug-features`` train step vs ``lora`` / ``selfaug`` (selfaug_jax/feature_loss.py).
+"""XLA's buffer assignment of the ``selfaug-features`` train step vs ``lora`` / ``selfaug`` (feature_loss.py).
 
 SmolLM2-135M shapes (abstract state under ``jax.eval_shape``: no weights are read, only ``config.json``), batch
 4 x 256, float32, remat ``dots``, LoRA rank 16. ``outside-SITE`` measures the alternative design where the policy's

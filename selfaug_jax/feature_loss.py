@@ -23,10 +23,11 @@ paper gives no distance; this project's reading (see /work/shared/BASELINES.md "
 
 Written as a formula, with ``A`` the aligned positions, ``S`` the site's taps and ``Λ`` the selected layers::
 
-    feature_distance = 1/|Λ| sum_{l in Λ} 1/|S| sum_{s in S} 1/|A| sum_{(b,t) in A} d(f^{l,s}_policy[b,t], f^{l,s}_ref[b,t])
+    feature_distance = 1/|Λ| sum_{l in Λ} 1/|S| sum_{s in S} 1/|A| sum_{(b,t) in A} d(f_pol[l,s,b,t], f_ref[l,s,b,t])
 
 The reference is the frozen base (``reference="base"``: the policy graph with its adapters multiplied by zero), so
-at step 0 (LoRA ``B = 0``) the term is exactly 0.
+at step 0 (LoRA ``B = 0``) the term is exactly 0 under per-layer remat (the training default; without remat XLA
+fuses the linearised forward differently: ~1e-16, float32 rounding), as the prompt KL is.
 
 Memory: the reference's taps of all layers (``[L, b, t, F]`` in the compute dtype, stop-gradient) are scan inputs
 of the policy's layer scan, whose body computes this layer's masked distance sum; only one float32 scalar per layer

@@ -57,7 +57,7 @@ def make_batch(seed=0):
 
 
 def manual_taps(model, batch):
-    """Every tap site, layer by layer in Python (no scan), from the layers' own sub-modules: ``{site: [L, b, t, F]}``."""
+    """Every tap site, layer by layer in Python (no scan), from the layers' own sub-modules: {site: [L, b, t, F]}."""
     ids, mask = batch["input_ids_bt"], batch["attention_mask_bt"]
     cfg = model.config
     positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
