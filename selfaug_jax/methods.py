@@ -8,7 +8,8 @@ A method says four things, and nothing else in the project decides them:
   step 0); ``"copy"``: a frozen copy of all parameters made at step 0 (full fine-tuning);
 * **which loss terms** are added to the cross-entropy (their weights are config values, see
   :mod:`selfaug_jax.train.objective`): ``"prompt_kl"`` (SelfAug: KL(p_ref || p_policy) on the prompt positions),
-  and the terms the baselines add;
+  ``"features"`` (Table 2: a distance between intermediate features on the same positions,
+  :mod:`selfaug_jax.feature_loss`), and the terms the baselines add;
 * **which training-data transform** is applied before tokenisation (``"none"``, or a replay / self-distillation
   transform).
 
@@ -81,13 +82,17 @@ class Method:
 
 
 # Loss terms that compare the policy with the reference model (the others, e.g. a weight penalty, do not).
-REFERENCE_TERMS = frozenset({"prompt_kl"})
+REFERENCE_TERMS = frozenset({"prompt_kl", "features"})
 
 _ENTRIES: tuple[Method, ...] = (
     Method("sft", "SFT", trains="all", summary="full fine-tuning, cross-entropy only"),
     Method("lora", "LoRA", trains="lora", summary="LoRA adapters, cross-entropy only"),
     Method("selfaug", "SelfAug", trains="lora", reference="base", terms=("prompt_kl",),
            summary="LoRA + KL(p_base || p_policy) on the prompt tokens (the paper's method)"),
+    Method("selfaug-features", "SelfAug (features)", trains="lora", reference="base", terms=("features",), table=2,
+           options=("features",),
+           summary="LoRA + distance of intermediate features (features.site) to the base's on the prompt tokens "
+                   "(Table 2)"),
     Method("sft-selfaug", "SFT + SelfAug", trains="all", reference="copy", terms=("prompt_kl",), table=0,
            summary="full fine-tuning + the prompt-token KL to a frozen copy (the paper claims, never tests, this)"),
 )

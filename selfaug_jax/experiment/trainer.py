@@ -176,12 +176,13 @@ class MetricsLogger:
 
 
 def _host_metrics(metrics_list: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
-    """The logged metrics of several steps as Python numbers (one ``device_get`` of the small scalars)."""
-    fetched = jax.device_get([{k: m[k] for k in LOGGED_KEYS} for m in metrics_list])
+    """The logged metrics of several steps as Python numbers (one ``device_get`` of the small scalars):
+    :data:`LOGGED_KEYS`, then every other metric of the step (a loss term's own, e.g. ``feature_distance``)."""
+    fetched = jax.device_get(metrics_list)
     out = []
     for one in fetched:
         row = {}
-        for k in LOGGED_KEYS:
+        for k in LOGGED_KEYS + tuple(sorted(set(one) - set(LOGGED_KEYS))):
             v = np.asarray(one[k])
             row["lr" if k == "learning_rate" else k] = int(v) if v.dtype.kind in "iu" else float(v)
         out.append(row)
@@ -232,7 +233,8 @@ def train_method(
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)
     model_def, state = init_train_state(model, method, optimizer, lora_config=lora_config_of(cfg), seed=tcfg.seed)
     step_config = StepConfig(
-        loss=cfg.loss, grad_accum_steps=tcfg.grad_accum_steps, accum_normalization=tcfg.accum_normalization
+        loss=cfg.loss, grad_accum_steps=tcfg.grad_accum_steps, accum_normalization=tcfg.accum_normalization,
+        features=cfg.features,
     )
     if plan is not None:
         state = plan.shard_state(state)

@@ -28,6 +28,7 @@ from selfaug_jax.models.attention import (
 )
 from selfaug_jax.models.config import ModelConfig
 from selfaug_jax.models.remat import REMAT_POLICIES
+from selfaug_jax.models.taps import LayerTaps, TapDict
 
 # Query-chunk length of training/prefill attention (``grouped_query_attention``'s ``q_chunk``). Dense attention
 # holds a float32 [b, heads, t, t] score buffer per layer being computed (all layers' probabilities without remat);
@@ -175,18 +176,21 @@ class Attention(nnx.Module):
         cache_index: jnp.ndarray | None = None,
         layer_index: jnp.ndarray | None = None,
         dropout_rng: jax.Array | None = None,
+        taps: TapDict | None = None,
     ) -> tuple[jnp.ndarray, KVCache | None]:
         """Attention output ``[b, t, D]`` and, with ``kv_cache``, the updated stacked cache.
 
         ``kv_cache`` is the whole stack ``(k, v)`` of shape ``[L, b, s, kv_heads, head_dim]``: this layer's new keys and
         values are written at ``[layer_index, :, cache_index]`` (in place inside the layer scan) and attention reads
-        this layer's slice.
+        this layer's slice. ``taps``: a dict that receives the q/k/v projections (``selfaug_jax.models.taps``).
         """
         b, t, _ = x_btd.shape
         rngs = _split_rng(dropout_rng, 4)
         q_bthd = self.q_proj(x_btd, rngs[0]).reshape(b, t, self.num_heads, self.head_dim)
         k_btkd = self.k_proj(x_btd, rngs[1]).reshape(b, t, self.num_kv_heads, self.head_dim)
         v_btkd = self.v_proj(x_btd, rngs[2]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if taps is not None:  # feature taps: the projections' outputs
+            taps.update(q=q_bthd.reshape(b, t, -1), k=k_btkd.reshape(b, t, -1), v=v_btkd.reshape(b, t, -1))
         if self.q_norm is not None:
             q_bthd = self.q_norm(q_bthd)
             k_btkd = self.k_norm(k_btkd)
@@ -244,14 +248,22 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
-        self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_index=None, layer_index=None, dropout_rng=None
+        self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_index=None, layer_index=None, dropout_rng=None,
+        taps=None,
     ):
+        """``taps``: a dict that receives this layer's feature taps (``selfaug_jax.models.taps``), or ``None``."""
         attn_rng, mlp_rng = _split_rng(dropout_rng, 2)
         attn_out, new_cache = self.self_attn(
-            self.input_layernorm(x_btd), cos_btd, sin_btd, mask_bts, kv_cache, cache_index, layer_index, attn_rng
+            self.input_layernorm(x_btd), cos_btd, sin_btd, mask_bts, kv_cache, cache_index, layer_index, attn_rng,
+            taps,
         )
         h_btd = x_btd + attn_out
-        return h_btd + self.mlp(self.post_attention_layernorm(h_btd), mlp_rng), new_cache
+        if taps is None:
+            return h_btd + self.mlp(self.post_attention_layernorm(h_btd), mlp_rng), new_cache
+        ffn_btd = self.mlp(self.post_attention_layernorm(h_btd), mlp_rng)
+        out_btd = h_btd + ffn_btd
+        taps.update(o=attn_out, ffn=ffn_btd, residual=out_btd)
+        return out_btd, new_cache
 
 
 def stacked_layers(
@@ -338,7 +350,8 @@ class DecoderLM(nnx.Module):
         positions: jnp.ndarray | None = None,
         segment_ids: jnp.ndarray | None = None,
         dropout_rng: jax.Array | None = None,
-    ) -> jnp.ndarray:
+        taps: LayerTaps | None = None,
+    ) -> jnp.ndarray | tuple[jnp.ndarray, Any]:
         """Final hidden states ``[b, t, D]`` (after the last RMSNorm), in the compute dtype.
 
         Args:
@@ -347,6 +360,8 @@ class DecoderLM(nnx.Module):
             positions: RoPE positions ``[b, t]``. Default: ``cumsum(mask) - 1`` (restarting per segment).
             segment_ids: ``[b, t]`` packed-example ids (0 = padding); attention stays within a segment.
             dropout_rng: enables LoRA dropout when given.
+            taps: per-layer feature taps (:class:`~selfaug_jax.models.taps.LayerTaps`); with them the result is
+                ``(hidden, per-layer outputs stacked [L, ...])``. ``None``: the plain forward, traced unchanged.
         """
         b, t = input_ids_bt.shape
         if attention_mask is None:
@@ -356,6 +371,11 @@ class DecoderLM(nnx.Module):
             positions = default_positions(attention_mask, segment_ids)
         index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask_args = (index_bt, index_bt, attention_mask, segment_ids, segment_ids)
+        if taps is not None:  # feature taps: the same scan with one more output per layer
+            x_btd, tapped = self._run_layers(
+                self.embed_tokens(input_ids_bt), positions, mask_args, None, None, dropout_rng, taps
+            )
+            return constrain_activation(self.norm(x_btd), "hidden_btd"), tapped
         x_btd, _ = self._run_layers(self.embed_tokens(input_ids_bt), positions, mask_args, None, None, dropout_rng)
         return constrain_activation(self.norm(x_btd), "hidden_btd")
 
@@ -427,8 +447,11 @@ class DecoderLM(nnx.Module):
             return (None if windows is None else windows[0]), None
         return None, jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
-    def _run_layers(self, x_btd, positions_bt, mask_args, cache, cache_index, dropout_rng):
+    def _run_layers(self, x_btd, positions_bt, mask_args, cache, cache_index, dropout_rng, taps=None):
         """Scan the stacked layers over ``x_btd``; returns ``(x_btd, new cache or None)``.
+
+        With ``taps`` (a :class:`~selfaug_jax.models.taps.LayerTaps`; no cache) it returns ``(x_btd, per-layer
+        outputs)`` instead: the body records the layer's taps and emits ``taps.emit(...)`` as the scan's ys.
 
         ``mask_args`` = ``(q_index_bt, kv_index_bs, kv_valid_bs, q_segment_bt, kv_segment_bs)`` of
         :func:`~selfaug_jax.models.attention.make_attention_mask`. Scan inputs per layer: the layer's parameter slice,
@@ -443,11 +466,11 @@ class DecoderLM(nnx.Module):
         graphdef, stack_state = nnx.split(self.layers)
         xs = (stack_state, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), windows_l)
 
-        def layer_call(x_btd, layer_state, index, window, kv_cache):
+        def layer_call(x_btd, layer_state, index, window, kv_cache, recorded=None):
             mask = mask_bts if window is None else mask_bts & within_window(q_index_bt, kv_index_bs, window)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
             layer = nnx.merge(graphdef, layer_state)
-            x_btd, kv_cache = layer(x_btd, cos_btd, sin_btd, mask, kv_cache, cache_index, index, rng)
+            x_btd, kv_cache = layer(x_btd, cos_btd, sin_btd, mask, kv_cache, cache_index, index, rng, recorded)
             return constrain_activation(x_btd, "hidden_btd"), kv_cache
 
         x_btd = constrain_activation(x_btd, "hidden_btd")
@@ -462,12 +485,20 @@ class DecoderLM(nnx.Module):
         def body(x_btd, xs):
             return layer_call(x_btd, *xs, None)[0], None
 
+        if taps is not None:  # feature taps (selfaug_jax/models/taps.py): the layer's taps leave as ys
+            def body(x_btd, xs):  # noqa: F811
+                (layer_xs, taps_xs), recorded = xs, {}
+                x_btd = layer_call(x_btd, *layer_xs, None, recorded)[0]
+                return x_btd, taps.emit(recorded, taps_xs)
+
+            xs = (xs, taps.xs)
+
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             # prevent_cse=False: the scan already keeps XLA from merging the recompute with the forward.
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x_btd, _ = jax.lax.scan(body, x_btd, xs)
-        return x_btd, None
+        x_btd, ys = jax.lax.scan(body, x_btd, xs)
+        return x_btd, ys
 
 
 def default_positions(attention_mask_bt: jnp.ndarray, segment_ids_bt: jnp.ndarray | None = None) -> jnp.ndarray:

@@ -15,7 +15,10 @@ Two kinds of term:
   of positions. They are computed by the fused CE + KL loss (``loss.selfaug_loss_from_hidden``) in the same chunk
   loop as the cross-entropy; the table maps the term to the positions it aligns. A method has at most one.
 * **additive terms** (:data:`ADDITIVE_TERMS`) are functions of a :class:`TermContext` returning their weighted
-  value and metrics, added to the total.
+  value and metrics, added to the total. A term that needs per-layer features (:data:`TERM_TAPS`, e.g.
+  ``features``) gets them from the forwards themselves: the reference runs first with the term's layer taps, and
+  the policy's layer scan reduces its own taps against them (``selfaug_jax/models/taps.py``); the stacked per-layer
+  results are ``TermContext.layer_taps``.
 
 ``aux`` always holds ``ce``, ``kl``, ``n_target_tokens`` and ``n_aligned_tokens`` (both 0 for a method without a
 logit term); additive terms add their own float scalars. Float entries are per-micro-batch values, int entries
@@ -29,7 +32,9 @@ from typing import Any, Callable
 
 import jax
 
+from selfaug_jax import feature_loss
 from selfaug_jax import loss as loss_lib
+from selfaug_jax.models.taps import LayerTaps
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -52,6 +57,7 @@ class TermContext:
     hidden_btd: jax.Array
     ref_hidden_btd: jax.Array | None
     normalizers: tuple[jax.Array, jax.Array] | None
+    layer_taps: Any = None  # the policy scan's per-layer outputs for a term of TERM_TAPS (stacked [L, ...])
 
 
 # logit term -> the ``align`` value of the fused loss (a function of the step config, so options can choose).
@@ -60,7 +66,15 @@ LOGIT_TERMS: dict[str, Callable[[Any], str]] = {
 }
 
 # additive term -> fn(TermContext) -> (weighted value, {metric: float scalar}).
-ADDITIVE_TERMS: dict[str, Callable[[TermContext], tuple[jax.Array, dict[str, jax.Array]]]] = {}
+ADDITIVE_TERMS: dict[str, Callable[[TermContext], tuple[jax.Array, dict[str, jax.Array]]]] = {
+    "features": feature_loss.feature_term,
+}
+
+# additive term -> fn(step config, batch) -> the LayerTaps its forwards need: ``sites`` are tapped in the reference's
+# layer scan, and ``reduce(policy taps, reference taps)`` runs per layer in the policy's (at most one such term).
+TERM_TAPS: dict[str, Callable[[Any, Batch], LayerTaps]] = {
+    "features": feature_loss.tap_request,
+}
 
 
 def _split_terms(terms: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
@@ -71,6 +85,8 @@ def _split_terms(terms: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
         raise ValueError(f"unknown loss term(s) {unknown}; known: {sorted(LOGIT_TERMS) + sorted(ADDITIVE_TERMS)}")
     if len(logit) > 1:
         raise ValueError(f"at most one logit-alignment term per method, got {logit}")
+    if sum(t in TERM_TAPS for t in other) > 1:
+        raise ValueError(f"at most one layer-tap term per method, got {[t for t in other if t in TERM_TAPS]}")
     return (logit[0] if logit else None), other
 
 
@@ -84,7 +100,15 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
         segment_ids=batch.get("segment_ids_bt"),
     )
     policy = model_def.policy(trainable, frozen)
-    hidden_btd = policy.hidden_states(batch["input_ids_bt"], dropout_rng=rng, **kwargs)
+    tapped = [TERM_TAPS[t](config, batch) for t in additive if t in TERM_TAPS]
+    ref_hidden_btd = layer_taps = None
+    if not tapped:
+        hidden_btd = policy.hidden_states(batch["input_ids_bt"], dropout_rng=rng, **kwargs)
+    else:  # the reference first: its taps are scan inputs of the policy's forward (only the reductions leave it)
+        ref_hidden_btd, ref_taps = jax.lax.stop_gradient(model_def.reference(trainable, frozen).hidden_states(
+            batch["input_ids_bt"], taps=LayerTaps(tapped[0].sites), **kwargs))
+        hidden_btd, layer_taps = policy.hidden_states(
+            batch["input_ids_bt"], dropout_rng=rng, taps=dataclasses.replace(tapped[0], xs=ref_taps), **kwargs)
     head_dv = policy.lm_head_weight()
     if spec.uses_lora:
         # The head is frozen (LoRA never adapts it; it is derived from `frozen`, which is not differentiated): under
@@ -93,8 +117,7 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
     cfg = config.loss
     n_target, n_aligned = normalizers if normalizers is not None else (None, None)
     reference = model_def.reference(trainable, frozen) if spec.uses_reference else None
-    ref_hidden_btd = None
-    if reference is not None:
+    if reference is not None and ref_hidden_btd is None:
         ref_hidden_btd = jax.lax.stop_gradient(reference.hidden_states(batch["input_ids_bt"], **kwargs))
     if logit_term is not None:
         ref_head_dv = jax.lax.stop_gradient(reference.lm_head_weight())
@@ -121,7 +144,8 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
         )
     aux = dict(aux)
     if additive:
-        ctx = TermContext(model_def, config, trainable, frozen, batch, hidden_btd, ref_hidden_btd, normalizers)
+        ctx = TermContext(model_def, config, trainable, frozen, batch, hidden_btd, ref_hidden_btd, normalizers,
+                          layer_taps)
         for name in additive:
             value, metrics = ADDITIVE_TERMS[name](ctx)
             total = total + value

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from selfaug_jax import loss as loss_lib
+from selfaug_jax.feature_loss import FeatureLossConfig
 from selfaug_jax.train.objective import LossFn, method_loss
 from selfaug_jax.train.state import ModelDef, TrainState
 
@@ -44,11 +45,13 @@ class StepConfig:
         grad_accum_steps: micro-batches per optimizer step.
         accum_normalization: "mean" = the released code's (mean over micro-batches of per-micro-batch means);
             "token" = token-weighted (equals one big batch): CE over all targets, KL over all aligned tokens.
+        features: options of the ``features`` term (``selfaug-features``; ignored by the other methods).
     """
 
     loss: loss_lib.SelfAugLossConfig = loss_lib.SelfAugLossConfig()
     grad_accum_steps: int = 1
     accum_normalization: str = "mean"
+    features: FeatureLossConfig = FeatureLossConfig()
 
     def __post_init__(self) -> None:
         if self.accum_normalization not in ACCUM_NORMALIZATIONS:
