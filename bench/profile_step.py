@@ -48,10 +48,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def categorize(hlo_line: str, name: str) -> str:
-    """A coarse category of one optimized-HLO instruction line."""
-    if " dot(" in hlo_line or "__onednn$matmul" in hlo_line or name.startswith(("ynn_fusion", "xnn_fusion")):
-        return "dot"  # XNNPACK / YNNPACK fusions are the matmuls (with fused operand copies / epilogues)
+def categorize(hlo_line: str, name: str, dot_computations: frozenset[str] = frozenset()) -> str:
+    """A coarse category of one optimized-HLO instruction line.
+
+    ``dot_computations``: names of fused computations that contain a dot (an XNNPACK / YNNPACK fusion calling one
+    is a matmul with fused operand slices / epilogues; one without a dot is a reduction or elementwise op)."""
+    called = re.search(r"calls=%([\w.\-]+)", hlo_line)
+    if name.startswith(("ynn_fusion", "xnn_fusion")):
+        return "dot" if called and called.group(1) in dot_computations else "reduce"
+    if " dot(" in hlo_line or "__onednn$matmul" in hlo_line:
+        return "dot"
     if "convolution(" in hlo_line:
         return "dot"
     if "rng-bit-generator" in hlo_line or "threefry" in hlo_line.lower() or "random_bits" in hlo_line:
@@ -165,6 +171,8 @@ def main(argv=None) -> None:
     print("cost analysis: flops %.3g, bytes accessed %.3g, transcendentals %.3g" % (
         cost.get("flops", 0), cost.get("bytes accessed", 0), cost.get("transcendentals", 0)))
     census(text)
+    dot_computations = frozenset(
+        m.group(1) for m in re.finditer(r"^%([\w.\-]+) [^\n]*\{\n(?:(?!^\}).*\n)*?.* dot\(", text, re.M))
     line_of = {}
     for line in text.splitlines():
         m = re.match(r"^\s+(ROOT )?%?([\w.\-]+) = ", line)
@@ -199,7 +207,7 @@ def main(argv=None) -> None:
     per_comp = collections.Counter()
     per_comp_cat = collections.Counter()
     for name, ns in per_op.items():
-        cat, comp = categorize(line_of[name], name), component(line_of[name])
+        cat, comp = categorize(line_of[name], name, dot_computations), component(line_of[name])
         per_cat[cat] += ns
         per_comp[comp] += ns
         per_comp_cat[(comp, "matmul" if cat == "dot" else "rest")] += ns
@@ -213,7 +221,7 @@ def main(argv=None) -> None:
               f"{mm / 1e9 / args.steps:7.3f} s   rest {rest / 1e9 / args.steps:7.3f} s")
     print(f"\n== top {args.top} ops ==")
     for name, ns in per_op.most_common(args.top):
-        print(f"{ns / 1e9 / args.steps:8.4f} s x{per_op_n[name] // args.steps:4d}  {categorize(line_of[name], name):8s} "
+        print(f"{ns / 1e9 / args.steps:8.4f} s x{per_op_n[name] // args.steps:4d}  {categorize(line_of[name], name, dot_computations):8s} "
               f"{component(line_of[name])[:18]:18s} "
               f"{line_of[name][:260]}")
 
