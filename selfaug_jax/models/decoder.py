@@ -27,6 +27,7 @@ from selfaug_jax.models.attention import (
     within_window,
 )
 from selfaug_jax.models.config import ModelConfig
+from selfaug_jax.models.lora_matmul import effective_keep_scale, keep_mask_or_none, lora_update
 from selfaug_jax.models.remat import REMAT_POLICIES
 from selfaug_jax.models.taps import LayerTaps, TapDict
 
@@ -103,14 +104,12 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         if self.lora_a is not None:
-            x_lora = x
-            if self.lora_dropout > 0.0 and dropout_rng is not None:
-                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
-                x_lora = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
+            # The adapter branch and its backward live in lora_matmul.py (a custom VJP: layout-friendly adapter
+            # gradients, 16-bit dropout draws; measured in bench/README.md "Session 4").
+            keep = keep_mask_or_none(dropout_rng, x.shape, self.lora_dropout)
             a = self.lora_a[...].astype(self.dtype)
             b = self.lora_b[...].astype(self.dtype)
-            xa = jnp.dot(x_lora, a, preferred_element_type=jnp.float32).astype(self.dtype)
-            y = y + jnp.dot(xa, b, preferred_element_type=jnp.float32) * self.lora_scale
+            y = y + lora_update(x, a, b, keep, self.lora_scale, effective_keep_scale(self.lora_dropout))
         return y.astype(self.dtype)
 
 

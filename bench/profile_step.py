@@ -1,0 +1,230 @@
+"""Where a train step's time goes: XLA cost analysis, the optimized HLO's op census and a per-op profile.
+
+Builds the same step as ``bench/step.py`` (real ``init_train_state`` + ``make_train_step``, synthetic batch), then
+
+* ``--hlo-out FILE``: writes the optimized HLO text of the compiled step;
+* prints the op census of every ``while`` body (copies, dynamic-(update-)slices, transposes, dots, fusions,
+  random-bit generators) -- the layer scan's forward and backward bodies are the two biggest;
+* runs ``--steps`` steps under ``jax.profiler.trace`` and aggregates the XLA:CPU thunk events of the trace
+  (``jax.profiler.ProfileData``, read offline from the ``.xplane.pb``) into total self-time per HLO op and per
+  category (dot / matmul custom call, elementwise fusion, copy, dynamic-update-slice, random bits, reduce, other),
+  printing the top ``--top`` ops with their HLO text.
+
+Usage::
+
+    python bench/profile_step.py --method selfaug --num-layers 4 --steps 2 --hlo-out /tmp/step.hlo
+
+Numbers are CPU-time shares of one process's XLA thunks; on a loaded host compare shares, not seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="selfaug")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--remat", default="dots")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--hlo-out", default=None)
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--no-trace", action="store_true")
+    return p.parse_args(argv)
+
+
+def categorize(hlo_line: str, name: str, dot_computations: frozenset[str] = frozenset()) -> str:
+    """A coarse category of one optimized-HLO instruction line.
+
+    ``dot_computations``: names of fused computations that contain a dot (an XNNPACK / YNNPACK fusion calling one
+    is a matmul with fused operand slices / epilogues; one without a dot is a reduction or elementwise op)."""
+    called = re.search(r"calls=%([\w.\-]+)", hlo_line)
+    if name.startswith(("ynn_fusion", "xnn_fusion")):
+        return "dot" if called and called.group(1) in dot_computations else "reduce"
+    if " dot(" in hlo_line or "__onednn$matmul" in hlo_line:
+        return "dot"
+    if "convolution(" in hlo_line:
+        return "dot"
+    if "rng-bit-generator" in hlo_line or "threefry" in hlo_line.lower() or "random_bits" in hlo_line:
+        return "random"
+    if "dynamic-update-slice" in hlo_line or "dynamic_update_slice" in name:
+        return "dynamic-update-slice"
+    if " copy(" in hlo_line or name.startswith("copy"):
+        return "copy"
+    if " transpose(" in hlo_line:
+        return "transpose"
+    if "kind=kLoop" in hlo_line or "kind=kInput" in hlo_line or "kind=kOutput" in hlo_line:
+        return "fusion"
+    if " reduce(" in hlo_line:
+        return "reduce"
+    if " while(" in hlo_line or " conditional(" in hlo_line or " call(" in hlo_line:
+        return "control"
+    return "other"
+
+
+COMPONENTS = (  # (component, regex on the op's metadata op_name), first match wins
+    ("lora-dropout bits", r"bernoulli|random_bits|threefry|_uniform"),
+    ("loss: head matmuls", r"btd,dv->btv|btv,dv->btd|dv->btv|->btd/dot|,dv->"),
+    ("loss: softmax/KL/CE", r"log_softmax|closed_call/jvp\(\)/|selfaug|_ce_|kl"),
+    ("attention", r"bkgts|btkgd|softmax|attention|one_chunk"),
+    ("optimizer", r"adam|clip|global_norm|apply_updates|optax"),
+)
+
+
+def component(hlo_line: str) -> str:
+    m = re.search(r'op_name="([^"]*)"', hlo_line)
+    op = m.group(1) if m else ""
+    for comp, rx in COMPONENTS:
+        if re.search(rx, op):
+            return comp
+    phase = ("layers: backward" if "transpose(jvp" in op else "layers: forward") if "while/body" in op else "other"
+    if "rematted_computation" in op:
+        phase = "layers: remat recompute"
+    return phase
+
+
+def self_times(lines_events):
+    """Self time of every event (its duration minus that of events nested in it on the same line)."""
+    out = []
+    for events in lines_events:
+        evs = sorted(events, key=lambda e: (e.start_ns, -e.duration_ns))
+        stack = []  # [end_ns, name, self_ns]
+        for ev in evs:
+            while stack and ev.start_ns >= stack[-1][0]:
+                out.append(tuple(stack.pop()[1:]))
+            if stack:
+                stack[-1][2] -= ev.duration_ns
+            stack.append([ev.start_ns + ev.duration_ns, ev.name, ev.duration_ns])
+        out.extend(tuple(x[1:]) for x in stack)
+    return out
+
+
+def census(hlo_text: str) -> None:
+    """Op counts of each computation used as a while body (and the entry), biggest first."""
+    comps: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m and not line.startswith(" "):
+            current = m.group(2)
+            comps[current] = []
+        elif current is not None and line.startswith("  "):
+            comps[current].append(line)
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo_text))
+    ops = ("dot(", "copy(", "dynamic-slice(", "dynamic-update-slice(", "transpose(", "fusion(", "rng-bit-generator(",
+           "custom-call(", "while(", "reduce(", "broadcast(", "bitcast(")
+    rows = []
+    for name, lines in comps.items():
+        if name not in bodies:
+            continue
+        counts = {op: sum(1 for ln in lines if f" {op}" in ln) for op in ops}
+        rows.append((len(lines), name, counts))
+    rows.sort(reverse=True)
+    print("\n== while bodies (optimized HLO): instruction census ==")
+    for n, name, counts in rows[:12]:
+        print(f"{name}: {n} instr; " + ", ".join(f"{k[:-1]}={v}" for k, v in counts.items() if v))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+
+    from selfaug_jax.loss import SelfAugLossConfig
+    from selfaug_jax.lora import LoRAConfig
+    from selfaug_jax.models import DEFAULT_MODEL, load_pretrained
+    from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from selfaug_jax.train.state import init_train_state
+    from selfaug_jax.train.step import StepConfig, make_train_step
+    from step import synthetic_batch
+
+    dtype = jnp.dtype(args.dtype)
+    model = load_pretrained(DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
+                            num_layers=args.num_layers)
+    optimizer, schedule = make_optimizer(OptimizerConfig(), total_steps=args.steps + 1)
+    model_def, state = init_train_state(model, args.method, optimizer, lora_config=LoRAConfig(), seed=0)
+    step_fn = make_train_step(model_def, optimizer, schedule, StepConfig(loss=SelfAugLossConfig(chunk_size=args.chunk_size)))
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, model.config.vocab_size, 0).items()}
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    print(f"compile {time.perf_counter() - t0:.1f}s")
+    text = compiled.as_text()
+    if args.hlo_out:
+        Path(args.hlo_out).write_text(text)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    print("cost analysis: flops %.3g, bytes accessed %.3g, transcendentals %.3g" % (
+        cost.get("flops", 0), cost.get("bytes accessed", 0), cost.get("transcendentals", 0)))
+    census(text)
+    dot_computations = frozenset(
+        m.group(1) for m in re.finditer(r"^%([\w.\-]+) [^\n]*\{\n(?:(?!^\}).*\n)*?.* dot\(", text, re.M))
+    line_of = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s+(ROOT )?%?([\w.\-]+) = ", line)
+        if m:
+            line_of[m.group(2)] = line.strip()
+
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if args.no_trace:
+        return
+    tmp = tempfile.mkdtemp(prefix="selfaug_prof_")
+    c0, t0 = time.process_time(), time.perf_counter()
+    with jax.profiler.trace(tmp):
+        for _ in range(args.steps):
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+    wall, cpu = (time.perf_counter() - t0) / args.steps, (time.process_time() - c0) / args.steps
+    print(f"traced steps: {wall:.2f} s wall, {cpu:.2f} s cpu per step")
+    from jax.profiler import ProfileData
+
+    pb = next(Path(tmp).rglob("*.xplane.pb"))
+    data = ProfileData.from_serialized_xspace(pb.read_bytes())
+    per_op = collections.Counter()
+    per_op_n = collections.Counter()
+    all_lines = [list(line.events) for plane in data.planes for line in plane.lines]
+    for name, ns in self_times(all_lines):
+        if name in line_of:
+            per_op[name] += ns
+            per_op_n[name] += 1
+    total = sum(per_op.values())
+    per_cat = collections.Counter()
+    per_comp = collections.Counter()
+    per_comp_cat = collections.Counter()
+    for name, ns in per_op.items():
+        cat, comp = categorize(line_of[name], name, dot_computations), component(line_of[name])
+        per_cat[cat] += ns
+        per_comp[comp] += ns
+        per_comp_cat[(comp, "matmul" if cat == "dot" else "rest")] += ns
+    print(f"\n== thunk self time per step: {total / 1e9 / args.steps:.3f} s (wall time of XLA ops, all threads) ==")
+    for cat, ns in per_cat.most_common():
+        print(f"  {cat:22s} {ns / 1e9 / args.steps:8.3f} s  {100 * ns / max(total, 1):5.1f}%")
+    print("\n== per component: matmul / rest (s per step, share of total) ==")
+    for comp, ns in per_comp.most_common():
+        mm, rest = per_comp_cat[(comp, "matmul")], per_comp_cat[(comp, "rest")]
+        print(f"  {comp:26s} {ns / 1e9 / args.steps:8.3f} s {100 * ns / max(total, 1):5.1f}%   matmul "
+              f"{mm / 1e9 / args.steps:7.3f} s   rest {rest / 1e9 / args.steps:7.3f} s")
+    print(f"\n== top {args.top} ops ==")
+    for name, ns in per_op.most_common(args.top):
+        print(f"{ns / 1e9 / args.steps:8.4f} s x{per_op_n[name] // args.steps:4d}  {categorize(line_of[name], name, dot_computations):8s} "
+              f"{component(line_of[name])[:18]:18s} "
+              f"{line_of[name][:260]}")
+
+
+if __name__ == "__main__":
+    main()

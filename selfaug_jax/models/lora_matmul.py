@@ -1,0 +1,123 @@
+"""The LoRA branch of a projection, ``(dropout(x) @ A @ B) * scale``, with a hand-written backward pass.
+
+Why not plain autodiff (measured on XLA:CPU, SmolLM2-135M ``selfaug`` step, 4 x 256; bench/README.md "Session 4"):
+
+* **Layout.** Autodiff writes the adapter gradient as ``dA = dot_general(x_drop, d_xa, contract tokens)``, i.e.
+  ``x_dropᵀ @ d_xa`` with the big ``[tokens, in]`` operand on the left. XLA:CPU canonicalises a dot to
+  ``lhs [rows, contracting]``, so it materialised ``x_dropᵀ`` ``[in, tokens]`` in a transposing loop fusion that
+  re-reads the whole elementwise chain producing ``x_drop`` (SiLU·up, the dropout bits, the stacked remat
+  residuals) with strided loads: the two such fusions of ``down_proj`` alone were ~17% of the step. Here the
+  gradient is ``(d_xaᵀ @ x_drop)ᵀ``: the small ``[tokens, r]`` operand is transposed and ``x_drop`` is read in its
+  natural layout. ``dB = xaᵀ @ g`` likewise transposes only ``xa`` ``[tokens, r]``.
+* **Dropout bits.** :func:`dropout_keep_mask` draws 16 random bits per element by splitting each 32-bit word of
+  one ``jax.random.bits`` call into two halves, instead of ``jax.random.bernoulli``'s one full float32 uniform per
+  element (with ``jax_threefry_partitionable``, the default, narrower ``bits`` dtypes still cost a full 32-bit
+  hash each): 3.6 ms vs 14.2 ms CPU for one ``[4, 256, 1536]`` mask, and the mask is drawn twice per layer and step
+  (forward, and again in the remat backward).
+
+This project's reading of LoRA dropout (PEFT applies ``torch.nn.Dropout(p)`` to the adapter input): an element is
+kept when its 16-bit draw is ``>= round(p * 2**16)``, so the drop probability is ``p`` rounded to a multiple of
+``2**-16`` (at most 7.7e-6 away from ``p``), and kept elements are scaled by ``1 / (1 - p_effective)`` so the
+expectation is exactly ``x``. The random stream differs from torch's anyway (different generators).
+
+Values equal the autodiff formulation's; gradients equal it up to float summation order
+(``tests/test_lora.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_BITS = 16  # random bits per element of the dropout mask
+
+
+def dropout_threshold(rate: float) -> int:
+    """The 16-bit draw below which an element is dropped (``round(rate * 2**16)``)."""
+    return int(round(rate * (1 << _BITS)))
+
+
+def effective_keep_scale(rate: float) -> float:
+    """``1 / (1 - p_effective)``: the scale of kept elements for ``rate`` quantised to ``2**-16``."""
+    return 1.0 / (1.0 - dropout_threshold(rate) / (1 << _BITS))
+
+
+def dropout_keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jnp.ndarray:
+    """Boolean keep mask of ``shape`` (True = keep) for drop probability ``rate`` (see the module docstring).
+
+    One ``jax.random.bits`` call draws ``ceil(n / 2)`` 32-bit words along the last axis; their low and high halves are
+    the 16-bit draws of the first and second half of that axis.
+    """
+    last = shape[-1]
+    half = (last + 1) // 2
+    words = jax.random.bits(rng, tuple(shape[:-1]) + (half,), jnp.uint32)
+    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :last]
+    return draws >= jnp.uint32(dropout_threshold(rate))
+
+
+def lora_update(x: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, keep: jnp.ndarray | None, scale: float,
+                keep_scale: float) -> jnp.ndarray:
+    """``((x * keep * keep_scale) @ a @ b) * scale`` in float32 (``keep=None``: no dropout).
+
+    ``x`` ``[..., in]`` in the compute dtype, ``a`` ``[in, r]`` and ``b`` ``[r, out]`` already cast to it; the
+    matmuls accumulate in float32 and ``x @ a`` is rounded to the compute dtype before ``@ b`` (as
+    :class:`~selfaug_jax.models.decoder.Linear` did with autodiff). Returns float32 ``[..., out]``.
+    """
+    lead = x.shape[:-1]
+    x_ni = x.reshape(-1, x.shape[-1])
+    keep_ni = None if keep is None else keep.reshape(x_ni.shape)
+    y_no = _lora_2d(x_ni, a, b, keep_ni, float(scale), float(keep_scale))
+    return y_no.reshape(lead + (b.shape[-1],))
+
+
+def _drop(x_ni, keep_ni, keep_scale):
+    if keep_ni is None:
+        return x_ni
+    return jnp.where(keep_ni, x_ni * jnp.asarray(keep_scale, x_ni.dtype), jnp.zeros((), x_ni.dtype))
+
+
+def _forward(x_ni, a, b, keep_ni, scale, keep_scale):
+    x_drop = _drop(x_ni, keep_ni, keep_scale)
+    xa_nr = jnp.dot(x_drop, a, preferred_element_type=jnp.float32).astype(x_ni.dtype)
+    y_no = jnp.dot(xa_nr, b, preferred_element_type=jnp.float32) * scale
+    return y_no, xa_nr
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lora_2d(x_ni, a, b, keep_ni, scale, keep_scale):
+    return _forward(x_ni, a, b, keep_ni, scale, keep_scale)[0]
+
+
+def _lora_2d_fwd(x_ni, a, b, keep_ni, scale, keep_scale):
+    y_no, xa_nr = _forward(x_ni, a, b, keep_ni, scale, keep_scale)
+    return y_no, (x_ni, a, b, keep_ni, xa_nr)
+
+
+def _lora_2d_bwd(scale, keep_scale, res, g_no):
+    x_ni, a, b, keep_ni, xa_nr = res
+    dt = x_ni.dtype
+    gs_no = (g_no * scale).astype(b.dtype)
+    # dB = xaᵀ @ g: contract the token axis with the small [n, r] operand on the left
+    db_ro = jnp.einsum("nr,no->ro", xa_nr, gs_no, preferred_element_type=jnp.float32).astype(b.dtype)
+    d_xa_nr = jnp.einsum("no,ro->nr", gs_no, b, preferred_element_type=jnp.float32).astype(dt)
+    x_drop = _drop(x_ni, keep_ni, keep_scale)
+    # dA = (d_xaᵀ @ x_drop)ᵀ: x_drop stays in its [n, in] layout (see the module docstring)
+    da_ri = jnp.einsum("nr,ni->ri", d_xa_nr, x_drop, preferred_element_type=jnp.float32)
+    da_ir = da_ri.T.astype(a.dtype)
+    dx_drop = jnp.einsum("nr,ir->ni", d_xa_nr, a, preferred_element_type=jnp.float32).astype(dt)
+    dx_ni = _drop(dx_drop, keep_ni, keep_scale)
+    dkeep = None
+    return dx_ni, da_ir, db_ro, dkeep
+
+
+_lora_2d.defvjp(_lora_2d_fwd, _lora_2d_bwd)
+
+
+def keep_mask_or_none(rng: jax.Array | None, shape: tuple[int, ...], rate: float) -> Any:
+    """The dropout keep mask when dropout is active (``rate > 0`` and a key given), else ``None``."""
+    if rate <= 0.0 or rng is None:
+        return None
+    return dropout_keep_mask(rng, shape, rate)
