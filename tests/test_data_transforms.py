@@ -168,7 +168,11 @@ def test_magpie_mix_counts_ratio_and_cache(smol, tmp_path):
 
 
 def test_magpie_real_generation_single_lines(smol, tmp_path):
-    """The real path (pre-query prefix -> sampled lines -> greedy answers) on the default model's first 2 layers."""
+    """The real path (pre-query prefix -> sampled lines) on the default model's first 2 layers: whatever such a
+    model writes, every sampled instruction is one line without special tokens, and a second run generates
+    nothing. (4 task examples at 1:9 need no replay example, so the garbage of a 2-layer model is not an error.)"""
+    import json
+
     from selfaug_jax.models import load_pretrained
     from selfaug_jax.models.generation import generate_completions
 
@@ -180,18 +184,20 @@ def test_magpie_real_generation_single_lines(smol, tmp_path):
         calls.append(1)
         return generate_completions(*args, **kwargs)
 
-    cfg = MagpieConfig(n=8, batch_size=8, max_instruction_tokens=12, max_new_tokens=6, min_words=1,
-                       temperature=1.0)
-    ctx = dataclasses.replace(_ctx(tok, 9, counting, tmp_path, magpie=cfg), model=model)
-    result = apply_transform("magpie", _task(9), ctx)
+    cfg = MagpieConfig(n=8, batch_size=8, max_instruction_tokens=12, max_new_tokens=6, min_words=1, temperature=1.0)
+    ctx = dataclasses.replace(_ctx(tok, 4, counting, tmp_path, magpie=cfg), model=model)
+    result = apply_transform("magpie", _task(4), ctx)
     rep = result.report
-    assert rep["generated"] == 8 and sum(rep["dropped"].values()) + rep["pairs_kept"] == 8
-    assert calls == [1, 1] or (calls == [1] and rep["instructions_kept"] == 0)
+    assert rep["generated"] == 8 and rep["n_replay"] == 0 and len(result.examples) == 4
+    assert sum(rep["dropped"].values()) + rep["pairs_kept"] == 8
+    (cache_file,) = tmp_path.glob("magpie-*.json")
+    candidates = json.loads(cache_file.read_text())["value"]["candidates"]
     specials = tok.convert_ids_to_tokens(list(special_token_ids(tok)))
-    for ex in result.examples[9:]:
-        assert "\n" not in ex.messages[0].content and not any(s in ex.messages[0].content for s in specials)
+    assert len(candidates) == 8 and sum(c["text"] != "" for c in candidates) >= 1
+    for c in candidates:
+        assert "\n" not in c["text"] and not any(s in c["text"] for s in specials)
     calls.clear()
-    assert apply_transform("magpie", _task(9), ctx).examples == result.examples and calls == []
+    assert apply_transform("magpie", _task(4), ctx).examples == result.examples and calls == []
 
 
 # ----------------------------------------------------------------------------------------------------- SDFT
