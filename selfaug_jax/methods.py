@@ -25,11 +25,14 @@ Table 2 (what is aligned), 0 = an extension of this project. Entries are listed 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 Trains = Literal["lora", "all"]
 Reference = Literal["none", "base", "copy"]
-DataTransform = Literal["none"]
+DataTransform = Literal["none", "magpie", "sdft"]  # selfaug_jax/data/transforms.py: TRANSFORMS
+
+DATA_TRANSFORMS: tuple[str, ...] = typing.get_args(DataTransform)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Method:
         trains: ``"lora"`` or ``"all"``.
         reference: ``"none"``, ``"base"`` (adapters off; LoRA only) or ``"copy"`` (a frozen copy; full FT only).
         terms: loss terms added to the cross-entropy, by name.
-        data: the training-data transform, by name.
+        data: the training-data transform, by name (a key of ``selfaug_jax.data.transforms.TRANSFORMS``).
         table: 1 / 2 = the paper's Table 1 / Table 2, 0 = this project's extension.
         summary: one line for ``--help`` and the README.
         options: top-level config sections that only this method (and others listing them) reads, e.g.
@@ -55,7 +58,7 @@ class Method:
     trains: Trains
     reference: Reference = "none"
     terms: tuple[str, ...] = ()
-    data: str = "none"
+    data: DataTransform = "none"
     table: int = 1
     summary: str = ""
     options: tuple[str, ...] = ()
@@ -65,6 +68,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: reference='base' (adapters off) needs trains='lora'")
         if self.reference == "copy" and self.trains != "all":
             raise ValueError(f"method {self.name!r}: reference='copy' is for trains='all' (LoRA uses 'base')")
+        if self.data not in DATA_TRANSFORMS:
+            raise ValueError(f"method {self.name!r}: data={self.data!r} is not one of {', '.join(DATA_TRANSFORMS)}")
         if self.needs_reference_terms and self.reference == "none":
             raise ValueError(f"method {self.name!r}: terms {self.terms} need a reference model")
 
@@ -87,6 +92,10 @@ REFERENCE_TERMS = frozenset({"prompt_kl", "features"})
 _ENTRIES: tuple[Method, ...] = (
     Method("sft", "SFT", trains="all", summary="full fine-tuning, cross-entropy only"),
     Method("lora", "LoRA", trains="lora", summary="LoRA adapters, cross-entropy only"),
+    Method("lora-magpie", "LoRA + MAGPIE", trains="lora", data="magpie", table=1,
+           summary="LoRA on the task data mixed 1:9 with self-synthesized general instructions (Magpie replay)"),
+    Method("lora-sdft", "LoRA + SDFT", trains="lora", data="sdft", table=1,
+           summary="LoRA on the task data with each answer rewritten by the base model (self-distillation)"),
     Method("selfaug", "SelfAug", trains="lora", reference="base", terms=("prompt_kl",),
            summary="LoRA + KL(p_base || p_policy) on the prompt tokens (the paper's method)"),
     Method("selfaug-features", "SelfAug (features)", trains="lora", reference="base", terms=("features",), table=2,

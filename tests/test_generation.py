@@ -15,10 +15,13 @@ from selfaug_jax.models.generation import (
     GenerationConfig,
     compiled_count,
     generate,
+    generate_completions,
     generate_text,
     greedy_generate_no_cache,
     left_pad,
     sample_logits,
+    stop_string_token_ids,
+    truncate_at_stop,
 )
 from torch_reference import TINY, make_tiny_hf_model
 
@@ -130,6 +133,77 @@ def test_sample_logits_filters_distribution():
     np.testing.assert_allclose(draw(1.0, 3, True, False), [4 / 9, 3 / 9, 2 / 9, 0], atol=0.03)
     # top_k then top_p (transformers' order): {0,1,2} renormalised, mass before token 2 is 7/9 >= 0.7 -> {0, 1}
     np.testing.assert_allclose(draw(0.7, 3, True, True), [4 / 7, 3 / 7, 0, 0], atol=0.03)
+
+
+def _reference_probs(logits, temperature, top_k, top_p):
+    """float64 NumPy: softmax(logits / T), then keep the top_k, then the smallest top-p set (transformers' order)."""
+    z = np.asarray(logits, np.float64) / temperature
+    order = np.argsort(-z)
+    keep = np.zeros(z.shape, bool)
+    keep[order[:top_k]] = True
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    mass_before = np.cumsum(p[order]) - p[order]
+    nucleus = np.zeros(z.shape, bool)
+    nucleus[order[(mass_before < top_p) & keep[order]]] = True
+    q = np.where(nucleus, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 5, 1.0), (1.0, 5, 1.0), (0.95, 3, 0.7)])
+def test_sample_logits_matches_numpy_reference(temperature, top_k, top_p):
+    """Temperature with top-p 1 (MAGPIE's instruction sampling) and SDFT's temperature + top-k + top-p, against a
+    float64 NumPy reference of the sampling distribution on fixed logits."""
+    logits = np.array([2.0, 1.2, 0.9, -0.3, -1.0], np.float32)
+    keys = jax.random.split(jax.random.key(1), 6000)
+    f = lambda k: sample_logits(jnp.asarray(logits)[None], k, jnp.float32(temperature), jnp.float32(top_p),
+                                jnp.int32(top_k), use_top_k=top_k < 5, use_top_p=top_p < 1.0)[0]
+    freq = np.bincount(np.asarray(jax.vmap(f)(keys)), minlength=5) / len(keys)
+    ref = _reference_probs(logits, temperature, top_k, top_p)
+    np.testing.assert_allclose(freq, ref, atol=0.02)
+    if temperature == 0.7:  # the temperature sharpens: not the T=1 distribution
+        assert abs(ref[0] - _reference_probs(logits, 1.0, 5, 1.0)[0]) > 0.05
+
+
+class _OneCharTokenizer:
+    """Token i decodes to its own character (10 is a newline, 0 is EOS); enough for generate_completions."""
+
+    eos_token_id, pad_token_id = 0, 0
+
+    def __len__(self):
+        return 128
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("" if (i == 0 and skip_special_tokens) else ("\n" if i == 10 else chr(0x4E00 + i))
+                       for i in ids)
+
+    def batch_decode(self, rows):
+        return [self.decode(r) for r in rows]
+
+
+def test_stop_strings_and_per_batch_seeds(llama):
+    tok = _OneCharTokenizer()
+    assert stop_string_token_ids(tok, ["\n"]) == (10,) and stop_string_token_ids(tok, []) == ()
+    assert truncate_at_stop("ab\ncd", ["\n", "c"]) == ("ab", True) and truncate_at_stop("ab", ["x"]) == ("ab", False)
+    cfg = GenerationConfig(max_new_tokens=N, eos_token_ids=(), temperature=1.0, seed=2)
+    free = generate(llama, PROMPTS, cfg).tokens  # one batch of 3: the seed of batch 0 below differs, so compare
+    done = generate_completions(llama, tok, PROMPTS, cfg, stop_token_ids=(10,), batch_size=3)
+    again = generate_completions(llama, tok, PROMPTS, cfg, stop_token_ids=(10,), batch_size=3)
+    assert done == again  # seeded
+    # greedy: a stop id ends the row at its first occurrence, the text is cut before it
+    g = GenerationConfig(max_new_tokens=N, eos_token_ids=())
+    ref = generate(llama, PROMPTS, g).tokens
+    stop = int(ref[0, 3])
+    out = generate_completions(llama, tok, PROMPTS, g, stop_strings=[tok.decode([stop])], batch_size=2)
+    for row, c in zip(ref, out):
+        hits = np.flatnonzero(row == stop)
+        n = int(hits[0]) if hits.size else N
+        assert c.text == tok.decode(row[:n].tolist()) and c.finished == bool(hits.size)
+        assert c.num_tokens == (n + 1 if hits.size else N)
+    # identical prompts in different batches get different samples; in one batch the rows differ too
+    same = generate_completions(llama, tok, [PROMPTS[0]] * 4, cfg, batch_size=2)
+    assert same[0].text != same[2].text and same[0].text != same[1].text
+    assert len(free) == 3
 
 
 def test_bucketing_reuses_compilation_and_array_input(llama):

@@ -1,7 +1,8 @@
 """Experiment configuration: dataclass sections, YAML presets with inheritance, ``key=value`` overrides.
 
 A preset is a YAML file under ``experiments/configs/`` whose top-level keys are the sections below (``model``,
-``data``, ``train``, ``lora``, ``optimizer``, ``loss``, ``features``, ``eval``, ``mesh``, ``output``) plus an optional
+``data``, ``train``, ``lora``, ``optimizer``, ``loss``, ``features``, ``eval``, ``mesh``, ``output``, ``magpie``,
+``sdft``) plus an optional
 ``preset_base: NAME`` to inherit from another preset. Overrides use dotted keys (``train.batch_size=4``,
 ``optimizer.learning_rate=1e-4``). Every key is checked: an unknown key or a value of the wrong type is reported
 with the valid choices, before any work starts.
@@ -34,6 +35,8 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from selfaug_jax.checkpoints.default_model import DEFAULT_MODEL_ALIASES
+from selfaug_jax.data.magpie import MagpieConfig
+from selfaug_jax.data.sdft import SDFTConfig
 from selfaug_jax.eval.suite import EvalConfig
 from selfaug_jax.feature_loss import FeatureLossConfig
 from selfaug_jax.lora import ALL_LINEAR_TARGETS
@@ -187,6 +190,10 @@ class ExperimentConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
+    # Options of the training-data transforms (selfaug_jax/data/transforms.py), read by the methods whose
+    # registry entry names them: magpie (lora-magpie: replay n / ratio / sampling), sdft (lora-sdft: rewrite).
+    magpie: MagpieConfig = dataclasses.field(default_factory=MagpieConfig)
+    sdft: SDFTConfig = dataclasses.field(default_factory=SDFTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

@@ -25,12 +25,12 @@ from selfaug_jax.eval.report import write_report
 from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_eval_data, reference_responses
 from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.experiment.preflight import check_tokenizer, preflight
-from selfaug_jax.experiment.train_data import tokenized_train_source
+from selfaug_jax.experiment.train_data import tokenized_train_source, transformed_sources
 from selfaug_jax.experiment.progress import StageTracker
 from selfaug_jax.experiment.runs import plan_runs, run_config
 from selfaug_jax.run_names import scaled_name
-from selfaug_jax.methods import get_method
 from selfaug_jax.experiment.trainer import is_main_process, train_method
+from selfaug_jax.methods import get_method
 from selfaug_jax.models import load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,11 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
     scales = tuple(cfg.eval.adapter_scales)
     if scales and not any(get_method(r.method).uses_lora for r in runs):
         logger.warning("eval.adapter_scales=%s: no LoRA method in this run; no scaled columns", list(scales))
-    tracker = StageTracker(["data", "base eval"] + [f"{m} {k + 1}/{len(methods)}" for k, m in enumerate(methods)]
-                           + ["report"], kinds=["data", "eval"] + ["method"] * len(methods) + ["report"],
+    transforms = [get_method(r.method).data for r in runs]  # each run's training-data transform ("none": as is)
+    extra = ["data transforms"] if any(t != "none" for t in transforms) else []
+    tracker = StageTracker(["data", "base eval"] + extra
+                           + [f"{m} {k + 1}/{len(methods)}" for k, m in enumerate(methods)] + ["report"],
+                           kinds=["data", "eval"] + ["data"] * len(extra) + ["method"] * len(methods) + ["report"],
                            stream=sys.stderr if progress and is_main_process() else None)
     tracker.begin("data")
     model_dir = preflight(cfg, resume=resume).model_dir
@@ -117,6 +120,17 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
     }
     periodic = bool(cfg.train.eval_every_steps or cfg.train.eval_every_epoch)
 
+    # Training-data transforms (MAGPIE replay, SDFT rewrite): generated once with the base model already loaded,
+    # shared by the methods that name the same transform (selfaug_jax/data/transforms.py).
+    sources = {"none": source}
+    if extra:
+        tracker.begin("data transforms")
+        n_task = int(data_stats.get("n_kept", len(source)))
+        for name, (src, report) in transformed_sources(cfg, tokenizer, model_dir, base_model, transforms,
+                                                       n_task).items():
+            sources[name] = src
+            results["data"].setdefault("transforms", {})[name] = report
+
     def evaluate(model, step, epoch):  # the periodic evaluation during training (same suite as the final one)
         return evaluate_model(model, tokenizer, eval_data, cfg.eval, original_model=base_model,
                               reference_responses=ref_responses)[0]
@@ -129,7 +143,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
             spec.method,
             run_config(cfg, spec) if spec.overrides else cfg,
             model=load_model(cfg, model_dir),
-            source=source,
+            source=sources[get_method(spec.method).data],
             pad_id=pad_id,
             out_dir=out / spec.dir_name,
             resume=resume,

@@ -84,8 +84,10 @@ def host_shard(examples: list[RagExample], process_index: int, process_count: in
     return examples[process_index::process_count]
 
 
-def cache_key(cfg: ExperimentConfig, examples: list[RagExample], model_dir: Path, shard: tuple[int, int]) -> str:
-    """The cache entry name of one host's tokenized shard (data, length policy, tokenizer, shard, format)."""
+def cache_key(cfg: ExperimentConfig, examples: list[RagExample], model_dir: Path, shard: tuple[int, int],
+              transform: tuple[str, str] | None = None) -> str:
+    """The cache entry name of one host's tokenized shard (data, length policy, tokenizer, shard, format; and the
+    data transform's name and content hash for transformed examples)."""
     tokenizer_file = model_dir / "tokenizer.json"
     key_src = json.dumps(
         {
@@ -101,19 +103,24 @@ def cache_key(cfg: ExperimentConfig, examples: list[RagExample], model_dir: Path
             if tokenizer_file.exists() else str(model_dir),
             "shard": list(shard),
             "version": CACHE_FORMAT_VERSION,
+            **({"transform": list(transform)} if transform else {}),
         },
         sort_keys=True,
     )
     return hashlib.sha256(key_src.encode()).hexdigest()[:16]
 
 
+def prompt_config_of(cfg: ExperimentConfig) -> PromptConfig:
+    """The run's prompt rendering and length policy."""
+    return PromptConfig(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                        no_documents=cfg.data.no_documents)
+
+
 def _write_entry(data_dir: Path, shard_examples: list[RagExample], tokenizer, cfg: ExperimentConfig) -> None:
     """Tokenize and write one cache entry into a temporary sibling, then rename it to ``data_dir``."""
     tmp = data_dir.with_name(f"{data_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    prompt_config = PromptConfig(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
-                                 no_documents=cfg.data.no_documents)
-    tokenized, stats = tokenize_examples(shard_examples, tokenizer, prompt_config)
+    tokenized, stats = tokenize_examples(shard_examples, tokenizer, prompt_config_of(cfg))
     if not tokenized:
         raise DataFormatError(f"data.train: none of the {len(shard_examples)} examples of {cfg.data.train} fits "
                               f"data.max_length={cfg.data.max_length} ({stats.summary()})")
@@ -143,17 +150,22 @@ def _sum_stats(local: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path) -> tuple[Any, dict[str, Any]]:
+def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path, *,
+                           examples: list[RagExample] | None = None,
+                           transform: tuple[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
     """This host's tokenized training examples (a random-access source) and the prompt statistics of all hosts.
 
+    ``examples`` (default: :func:`load_train_examples`) are the output of a data transform when ``transform`` =
+    ``(name, content hash)`` is given (selfaug_jax/data/transforms.py); the pair keys a separate cache entry.
     The source has the same length on every host (see the module docstring).
     """
     p, n_proc = jax.process_index(), jax.process_count()
-    examples = load_train_examples(cfg)
+    if examples is None:
+        examples = load_train_examples(cfg)
     shard = host_shard(examples, p, n_proc)
     if not shard:
         raise DataFormatError(f"data.train: {len(examples)} examples cannot give each of {n_proc} hosts one")
-    data_dir = cache_dir() / "datasets" / cache_key(cfg, examples, model_dir, (p, n_proc))
+    data_dir = cache_dir() / "datasets" / cache_key(cfg, examples, model_dir, (p, n_proc), transform)
     stats_path = data_dir / "prompt_stats.json"
     if not stats_path.exists():
         data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -175,3 +187,50 @@ def tokenized_train_source(cfg: ExperimentConfig, tokenizer, model_dir: Path) ->
             source = HeadSource(source, n_equal)
     logger.info("training data (process %d of %d: %d examples): %s (%s)", p, n_proc, len(source), data_dir, stats)
     return source, stats
+
+
+def model_identity(cfg: ExperimentConfig, model_dir: Path) -> str:
+    """What decides a loaded model's generations, for the data transforms' cache keys: its folder, the hash of
+    its ``config.json`` and weight file sizes, the layers kept and the dtypes."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    config_file = model_dir / "config.json"
+    return json.dumps({
+        "dir": str(model_dir.resolve()),
+        "config": hashlib.sha256(config_file.read_bytes()).hexdigest()[:16] if config_file.exists() else None,
+        "weights": [[f.name, f.stat().st_size] for f in files],
+        "num_layers": cfg.model.num_layers, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
+    }, sort_keys=True)
+
+
+def transformed_sources(cfg: ExperimentConfig, tokenizer, model_dir: Path, base_model, names: list[str],
+                        n_task: int) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """For each data transform in ``names`` (other than ``"none"``): the tokenized source of its output and a
+    report (its counts, settings and prompt statistics) for ``summary.json``.
+
+    Each transform runs once, on all hosts' raw training examples, with the already-loaded ``base_model`` (no
+    second copy); its generations are cached under ``<cache>/transforms`` and its tokenized output under
+    ``<cache>/datasets`` like the task data. ``n_task``: the task examples trained (after the length policy).
+    """
+    from selfaug_jax.data.transforms import TransformContext, apply_transform
+
+    out: dict[str, tuple[Any, dict[str, Any]]] = {}
+    todo = [n for n in dict.fromkeys(names) if n != "none"]
+    if not todo:
+        return out
+    examples = load_train_examples(cfg)
+    ctx = TransformContext(model=base_model, tokenizer=tokenizer, model_id=model_identity(cfg, model_dir),
+                           prompt_config=prompt_config_of(cfg), n_task=n_task,
+                           options={"magpie": cfg.magpie, "sdft": cfg.sdft}, cache_dir=cache_dir() / "transforms")
+    for name in todo:
+        result = apply_transform(name, examples, ctx)
+        source, stats = tokenized_train_source(cfg, tokenizer, model_dir, examples=result.examples,
+                                               transform=(name, result.key))
+        report = {**result.report, "train_examples": len(source), "prompt_stats": stats}
+        if name == "magpie":  # replay pairs were length-checked, so the tokenizer skipped task examples only
+            mix = {"task": len(source) - result.report["n_replay"], "replay": result.report["n_replay"]}
+            report["epoch_mix"] = mix
+            if jax.process_count() == 1 and mix["task"] != n_task:
+                logger.warning("magpie: %d task examples trained, the replay count assumed %d", mix["task"], n_task)
+        logger.info("data transform %s: %d training examples (%s)", name, len(source), result.report)
+        out[name] = (source, report)
+    return out
