@@ -121,6 +121,9 @@ class EvalConfig:
       seed: subset seed.
       lm_eval_tasks / lm_eval_include_path / lm_eval_limit: lm-evaluation-harness tasks for every model (run by
         the experiment runner, not by :func:`evaluate_model`), an extra task directory, documents per task.
+      cache / cache_dir: whether the experiment runner reuses the base model's evaluation from disk, and where
+        (:func:`selfaug_jax.eval.base_cache.base_evaluation`; the key covers the weights, every other field here,
+        the data and the code version).
     """
 
     n_rag: int | None = 64
@@ -149,6 +152,10 @@ class EvalConfig:
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_include_path: str | None = None  # directory of extra task YAMLs (lm-eval's --include_path)
     lm_eval_limit: int | None = None  # documents per task (None = all)
+    # The base model's evaluation cached on disk (selfaug_jax/eval/base_cache.py): reused when the weights, this
+    # config, the data and the code version are the same; null cache_dir = $SELFAUG_JAX_CACHE/eval.
+    cache: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_rag", "n_ifeval", "n_shift_general", "n_shift_rag", "n_mc", "n_knowledge"):
@@ -428,14 +435,14 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"evaluate_model: unknown parts {sorted(unknown)}; choose from {PARTS}")
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     metrics: dict[str, float | None] = {}
     samples: dict[str, Any] = {"rag": [], "ifeval": [], "general": [], "shift": {}, "details": {}, "items": {},
-                               "generation": {}, "timing_s": {}}
+                               "generation": {}, "timing_s": {}, "cpu_s": {}}
     items = samples["items"]
     k = config.n_samples
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if "rag" in parts and data.rag_examples:
         gen = _generate(model, tokenizer, data.rag_prompts, config.max_new_tokens_rag, config)
         preds = gen.texts
@@ -458,8 +465,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
                            "prediction": p} for ex, p in zip(data.rag_examples[:k], preds[:k])]
         samples["details"]["rag"] = {key: rag[key] for key in ("count", "answerable", "unanswerable", "by_hops")}
     samples["timing_s"]["rag"] = time.perf_counter() - t0
+    samples["cpu_s"]["rag"] = time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if "ifeval" in parts and data.ifeval_records:
         prompts = [r["prompt"] for r in data.ifeval_records]
         gen = _generate(model, tokenizer, prompts, config.max_new_tokens_ifeval, config)
@@ -481,8 +489,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
         samples["details"]["ifeval"] = {"per_type": ife["per_type"], "num_prompts": ife["num_prompts"],
                                         "num_instructions": ife["num_instructions"]}
     samples["timing_s"]["ifeval"] = time.perf_counter() - t0
+    samples["cpu_s"]["ifeval"] = time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     refs = reference_responses or {}
     if "general" in parts and data.general_prompts:
         base_texts = refs.get("general")
@@ -509,8 +518,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
         samples["general"] = [{"id": i, "response": t} for i, t in zip(data.general_ids[:k], texts[:k])]
         samples["details"]["general"] = {"words_mean": float(np.mean(words)), "collapse_words": config.collapse_words}
     samples["timing_s"]["general"] = time.perf_counter() - t0
+    samples["cpu_s"]["general"] = time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     reference = None if original_model is model else original_model
     for part, prompts in (("general", data.general_prompts), ("rag", data.shift_rag_prompts)):
         if "shift" not in parts or not prompts:
@@ -530,8 +540,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
                                                "den": [float(n) for n in per["n_response_tokens"]]}
         samples["shift"][part] = stats
     samples["timing_s"]["shift"] = time.perf_counter() - t0
+    samples["cpu_s"]["shift"] = time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if "mc" in parts and data.mc_datasets:
         mc_cfg = MCConfig(batch_size=config.batch_size, max_length=config.mc_max_length)
         logits_fn = _logits_fn(model)
@@ -546,7 +557,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
                 items[f"{name}_acc_norm"] = {"num": [float(x.correct_norm) for x in scores], "den": None}
         samples["details"]["mc"] = summaries
     samples["timing_s"]["mc"] = time.perf_counter() - t0
+    samples["cpu_s"]["mc"] = time.process_time() - c0
     samples["timing_s"]["total"] = time.perf_counter() - t_start
+    samples["cpu_s"]["total"] = time.process_time() - c_start
     logger.info("evaluation took %.1f s (%s)", samples["timing_s"]["total"],
                 ", ".join(f"{k} {v:.1f}" for k, v in samples["timing_s"].items() if k != "total"))
     return metrics, samples
