@@ -123,6 +123,9 @@ class EvalConfig:
         the experiment runner, not by :func:`evaluate_model`), an extra task directory, documents per task.
       adapter_scales: WiSE-FT scales in (0, 1): the runner also evaluates every LoRA run with its adapter merged at
         each scale (columns ``lora@0.5``; :func:`selfaug_jax.lora.merge_lora`). Not read by :func:`evaluate_model`.
+      cache / cache_dir: whether the experiment runner reuses the base model's evaluation from disk, and where
+        (:func:`selfaug_jax.eval.base_cache.base_evaluation`; the key covers the weights, every other field here,
+        the data and the code version).
     """
 
     n_rag: int | None = 64
@@ -138,9 +141,13 @@ class EvalConfig:
     n_knowledge: int | None = None
     batch_size: int = 8
     prompt_bucket: int = 64
-    generation_buckets: tuple[int, ...] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+    # Finer than powers of two: a compile (once per run, none with the persistent XLA cache) is cheaper than the
+    # padding every evaluation pays (default sizes, batch 16: RAG prompts padded 1.29x -> 1.15x, IFEval 1.55x ->
+    # 1.14x; bench/README.md "session 4 - evaluation cost").
+    generation_buckets: tuple[int, ...] = (64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640,
+                                           704, 768, 832, 896, 960, 1024, 1152, 1280, 1408, 1536, 1792, 2048)
     shift_max_length: int = 1024
-    shift_buckets: tuple[int, ...] = (128, 256, 384, 512, 640, 768, 1024)
+    shift_buckets: tuple[int, ...] = (128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
     mc_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
     n_mc: int | None = 100
     mc_max_length: int = 1024
@@ -154,6 +161,10 @@ class EvalConfig:
     # WiSE-FT for LoRA (arXiv 2109.01903): every LoRA run is also evaluated with its adapter merged at each scale s
     # in (0, 1) -- (1 - s) * W0 + s * W_ft -- as extra report columns "lora@0.5" (read by the experiment runner).
     adapter_scales: tuple[float, ...] = ()
+    # The base model's evaluation cached on disk (selfaug_jax/eval/base_cache.py): reused when the weights, this
+    # config, the data and the code version are the same; null cache_dir = $SELFAUG_JAX_CACHE/eval.
+    cache: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         for s in self.adapter_scales:
@@ -438,14 +449,14 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"evaluate_model: unknown parts {sorted(unknown)}; choose from {PARTS}")
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     metrics: dict[str, float | None] = {}
     samples: dict[str, Any] = {"rag": [], "ifeval": [], "general": [], "shift": {}, "details": {}, "items": {},
-                               "generation": {}, "timing_s": {}}
+                               "generation": {}, "timing_s": {}, "cpu_s": {}}
     items = samples["items"]
     k = config.n_samples
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if "rag" in parts and data.rag_examples:
         gen = _generate(model, tokenizer, data.rag_prompts, config.max_new_tokens_rag, config)
         preds = gen.texts
@@ -468,8 +479,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
                            "prediction": p} for ex, p in zip(data.rag_examples[:k], preds[:k])]
         samples["details"]["rag"] = {key: rag[key] for key in ("count", "answerable", "unanswerable", "by_hops")}
     samples["timing_s"]["rag"] = time.perf_counter() - t0
+    samples["cpu_s"]["rag"] = time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if "ifeval" in parts and data.ifeval_records:
         prompts = [r["prompt"] for r in data.ifeval_records]
         gen = _generate(model, tokenizer, prompts, config.max_new_tokens_ifeval, config)
@@ -491,8 +503,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
         samples["details"]["ifeval"] = {"per_type": ife["per_type"], "num_prompts": ife["num_prompts"],
                                         "num_instructions": ife["num_instructions"]}
     samples["timing_s"]["ifeval"] = time.perf_counter() - t0
+    samples["cpu_s"]["ifeval"] = time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     refs = reference_responses or {}
     if "general" in parts and data.general_prompts:
         base_texts = refs.get("general")
@@ -519,8 +532,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
         samples["general"] = [{"id": i, "response": t} for i, t in zip(data.general_ids[:k], texts[:k])]
         samples["details"]["general"] = {"words_mean": float(np.mean(words)), "collapse_words": config.collapse_words}
     samples["timing_s"]["general"] = time.perf_counter() - t0
+    samples["cpu_s"]["general"] = time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     reference = None if original_model is model else original_model
     for part, prompts in (("general", data.general_prompts), ("rag", data.shift_rag_prompts)):
         if "shift" not in parts or not prompts:
@@ -540,8 +554,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
                                                "den": [float(n) for n in per["n_response_tokens"]]}
         samples["shift"][part] = stats
     samples["timing_s"]["shift"] = time.perf_counter() - t0
+    samples["cpu_s"]["shift"] = time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if "mc" in parts and data.mc_datasets:
         mc_cfg = MCConfig(batch_size=config.batch_size, max_length=config.mc_max_length)
         logits_fn = _logits_fn(model)
@@ -556,7 +571,9 @@ def evaluate_model(model: Any, tokenizer: Any, data: EvalData, config: EvalConfi
                 items[f"{name}_acc_norm"] = {"num": [float(x.correct_norm) for x in scores], "den": None}
         samples["details"]["mc"] = summaries
     samples["timing_s"]["mc"] = time.perf_counter() - t0
+    samples["cpu_s"]["mc"] = time.process_time() - c0
     samples["timing_s"]["total"] = time.perf_counter() - t_start
+    samples["cpu_s"]["total"] = time.process_time() - c_start
     logger.info("evaluation took %.1f s (%s)", samples["timing_s"]["total"],
                 ", ".join(f"{k} {v:.1f}" for k, v in samples["timing_s"].items() if k != "total"))
     return metrics, samples

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from selfaug_jax.eval.report import write_report
-from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_eval_data, reference_responses
+from selfaug_jax.eval.base_cache import base_evaluation
+from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_eval_data
 from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.experiment.preflight import check_tokenizer, preflight
 from selfaug_jax.experiment.train_data import tokenized_train_source, transformed_sources
@@ -99,11 +100,10 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
     tracker.begin("base eval")
     base_model = load_model(cfg, model_dir)
     t_eval = time.perf_counter()
-    ref_responses = reference_responses(base_model, tokenizer, eval_data, cfg.eval)
-    base_metrics, base_samples = evaluate_model(
-        base_model, tokenizer, eval_data, cfg.eval, original_model=base_model, reference_responses=ref_responses
-    )
-    logger.info("base evaluation: %.1fs", time.perf_counter() - t_eval)
+    base_eval = base_evaluation(base_model, tokenizer, eval_data, cfg.eval)  # disk-cached (eval.cache)
+    ref_responses, base_metrics, base_samples = base_eval.reference_responses, base_eval.metrics, base_eval.samples
+    logger.info("base evaluation: %.1fs (%s)", time.perf_counter() - t_eval,
+                "reused from cache" if base_eval.cache_hit else "computed")
     lm_eval_results = {"base": _lm_eval(base_model, tokenizer, cfg)} if cfg.eval.lm_eval_tasks else {}
 
     results: dict[str, Any] = {
