@@ -8,7 +8,8 @@ A method says four things, and nothing else in the project decides them:
   step 0); ``"copy"``: a frozen copy of all parameters made at step 0 (full fine-tuning);
 * **which loss terms** are added to the cross-entropy (their weights are config values, see
   :mod:`selfaug_jax.train.objective`): ``"prompt_kl"`` (SelfAug: KL(p_ref || p_policy) on the prompt positions),
-  and the terms the baselines add;
+  ``"response_kl"`` (the same KL on the response positions, as LLaMA-Factory's ASFT), ``"orth"`` (the orthogonal
+  loss, :mod:`selfaug_jax.orth_loss`), and the terms the baselines add;
 * **which training-data transform** is applied before tokenisation (``"none"``, or a replay / self-distillation
   transform).
 
@@ -77,15 +78,21 @@ class Method:
 
 
 # Loss terms that compare the policy with the reference model (the others, e.g. a weight penalty, do not).
-REFERENCE_TERMS = frozenset({"prompt_kl"})
+REFERENCE_TERMS = frozenset({"prompt_kl", "response_kl"})
 
 _ENTRIES: tuple[Method, ...] = (
     Method("sft", "SFT", trains="all", summary="full fine-tuning, cross-entropy only"),
     Method("lora", "LoRA", trains="lora", summary="LoRA adapters, cross-entropy only"),
+    Method("lora-orth", "LoRA + Orth.", trains="lora", terms=("orth",), table=1,
+           summary="LoRA + lambda1 * sum |V_k^T A| (A orthogonal to the base weight's top-k input directions; "
+                   "this project's reading of the paper's orthogonal loss)"),
     Method("selfaug", "SelfAug", trains="lora", reference="base", terms=("prompt_kl",),
            summary="LoRA + KL(p_base || p_policy) on the prompt tokens (the paper's method)"),
     Method("sft-selfaug", "SFT + SelfAug", trains="all", reference="copy", terms=("prompt_kl",), table=0,
            summary="full fine-tuning + the prompt-token KL to a frozen copy (the paper claims, never tests, this)"),
+    Method("lora-response-kl", "LoRA + response KL", trains="lora", reference="base", terms=("response_kl",),
+           table=0, summary="LoRA + KL(p_base || p_policy) on the response tokens (ASFT's positions): the contrast "
+                            "to SelfAug's prompt-token choice"),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}

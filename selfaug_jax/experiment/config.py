@@ -1,7 +1,7 @@
 """Experiment configuration: dataclass sections, YAML presets with inheritance, ``key=value`` overrides.
 
 A preset is a YAML file under ``experiments/configs/`` whose top-level keys are the sections below (``model``,
-``data``, ``train``, ``lora``, ``optimizer``, ``loss``, ``eval``, ``mesh``, ``output``) plus an optional
+``data``, ``train``, ``lora``, ``optimizer``, ``loss``, ``orth``, ``eval``, ``mesh``, ``output``) plus an optional
 ``preset_base: NAME`` to inherit from another preset. Overrides use dotted keys (``train.batch_size=4``,
 ``optimizer.learning_rate=1e-4``). Every key is checked: an unknown key or a value of the wrong type is reported
 with the valid choices, before any work starts.
@@ -38,6 +38,7 @@ from selfaug_jax.eval.suite import EvalConfig
 from selfaug_jax.lora import ALL_LINEAR_TARGETS
 from selfaug_jax.loss import SelfAugLossConfig
 from selfaug_jax.models.remat import REMAT_POLICIES
+from selfaug_jax.orth_loss import OrthConfig
 from selfaug_jax.train.optimizer import OptimizerConfig
 from selfaug_jax.methods import METHOD_NAMES
 
@@ -176,6 +177,7 @@ class ExperimentConfig:
     lora: LoRASection = dataclasses.field(default_factory=LoRASection)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     loss: SelfAugLossConfig = dataclasses.field(default_factory=SelfAugLossConfig)
+    orth: OrthConfig = dataclasses.field(default_factory=OrthConfig)  # lora-orth's term (lambda1, lambda2, top_k)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)

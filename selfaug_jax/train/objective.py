@@ -15,7 +15,10 @@ Two kinds of term:
   of positions. They are computed by the fused CE + KL loss (``loss.selfaug_loss_from_hidden``) in the same chunk
   loop as the cross-entropy; the table maps the term to the positions it aligns. A method has at most one.
 * **additive terms** (:data:`ADDITIVE_TERMS`) are functions of a :class:`TermContext` returning their weighted
-  value and metrics, added to the total.
+  value and metrics, added to the total. A term that needs non-trained arrays computed once per run (e.g. the
+  ``orth`` term's SVD bases of the base weights) registers a builder in :data:`TERM_CONSTANTS`;
+  ``init_train_state`` stores its result in ``TrainState.constants[term]`` and the term reads
+  ``ctx.constants[term]``.
 
 ``aux`` always holds ``ce``, ``kl``, ``n_target_tokens`` and ``n_aligned_tokens`` (both 0 for a method without a
 logit term); additive terms add their own float scalars. Float entries are per-micro-batch values, int entries
@@ -30,6 +33,7 @@ from typing import Any, Callable
 import jax
 
 from selfaug_jax import loss as loss_lib
+from selfaug_jax import orth_loss
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -37,7 +41,9 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 ``config`` is the step's ``StepConfig``; ``rng`` the dropout key (``None`` in evaluation); ``normalizers`` the
 ``(targets, aligned)`` token counts to divide sums by for token-weighted accumulation, or ``None`` for this
-micro-batch's own counts (the released code)."""
+micro-batch's own counts (the released code). When the state carries term constants (``TrainState.constants``
+non-empty) the step also passes them as the keyword ``constants=``; a loss function for methods without such terms
+never receives it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +58,46 @@ class TermContext:
     hidden_btd: jax.Array
     ref_hidden_btd: jax.Array | None
     normalizers: tuple[jax.Array, jax.Array] | None
+    constants: dict[str, Any] | None = None
+
+    @property
+    def batch_share(self) -> float:
+        """This micro-batch's share of a per-batch (not per-token) term, e.g. a weight penalty: the step averages
+        micro-batch totals in ``"mean"`` accumulation (share 1) and sums them in ``"token"`` accumulation (share
+        ``1 / grad_accum_steps``), so the term counts once per optimizer step either way."""
+        if getattr(self.config, "accum_normalization", "mean") == "token":
+            return 1.0 / self.config.grad_accum_steps
+        return 1.0
 
 
 # logit term -> the ``align`` value of the fused loss (a function of the step config, so options can choose).
 LOGIT_TERMS: dict[str, Callable[[Any], str]] = {
     "prompt_kl": lambda config: config.loss.align,
+    # ASFT's positions (LLaMA-Factory asft_loss_func): logits predicting a response token, labels[t + 1] != -100.
+    "response_kl": lambda config: "response",
 }
 
 # additive term -> fn(TermContext) -> (weighted value, {metric: float scalar}).
-ADDITIVE_TERMS: dict[str, Callable[[TermContext], tuple[jax.Array, dict[str, jax.Array]]]] = {}
+ADDITIVE_TERMS: dict[str, Callable[[TermContext], tuple[jax.Array, dict[str, jax.Array]]]] = {
+    "orth": orth_loss.orth_term,
+}
+
+# term -> fn(model with adapters, Method, StepConfig | None) -> pytree of arrays, computed once by init_train_state.
+TERM_CONSTANTS: dict[str, Callable[[Any, Any, Any], Any]] = {
+    "orth": orth_loss.orth_constants,
+}
+
+
+def term_constants(model, spec, config) -> dict[str, Any]:
+    """``{term: constants}`` for the terms of ``spec`` that have a :data:`TERM_CONSTANTS` builder (else ``{}``)."""
+    return {t: TERM_CONSTANTS[t](model, spec, config) for t in spec.terms if t in TERM_CONSTANTS}
+
+
+def logit_align(spec, config) -> str | None:
+    """The ``align`` of the method's logit term (``None`` without one): the positions its KL is averaged over,
+    e.g. for the aligned-token normaliser of token-weighted accumulation."""
+    logit_term, _ = _split_terms(spec.terms)
+    return None if logit_term is None else LOGIT_TERMS[logit_term](config)
 
 
 def _split_terms(terms: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
@@ -74,8 +111,10 @@ def _split_terms(terms: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
     return (logit[0] if logit else None), other
 
 
-def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normalizers):
-    """The default :data:`LossFn`: CE plus the terms of ``model_def.spec`` (see the module docstring)."""
+def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normalizers, *, constants=None):
+    """The default :data:`LossFn`: CE plus the terms of ``model_def.spec`` (see the module docstring).
+
+    ``constants``: ``TrainState.constants`` (``{term: pytree}``), for the terms that need them."""
     spec = model_def.spec
     logit_term, additive = _split_terms(spec.terms)
     kwargs = dict(
@@ -121,7 +160,8 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
         )
     aux = dict(aux)
     if additive:
-        ctx = TermContext(model_def, config, trainable, frozen, batch, hidden_btd, ref_hidden_btd, normalizers)
+        ctx = TermContext(model_def, config, trainable, frozen, batch, hidden_btd, ref_hidden_btd, normalizers,
+                          constants)
         for name in additive:
             value, metrics = ADDITIVE_TERMS[name](ctx)
             total = total + value
