@@ -312,3 +312,64 @@ def test_trainer_logs_every_term_metric():
     (row,) = _host_metrics([metrics])
     assert list(row)[-2:] == ["orth", "orth_l2"] and row["orth"] == 2.25 and row["n_tokens"] == 3
     assert list(row)[:3] == ["loss", "ce", "kl"]
+
+
+_SHARDED_SCRIPT = r"""
+import json, os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+sys.path.insert(0, "tests")
+from types import SimpleNamespace
+import jax.numpy as jnp
+from flax import nnx
+from _sharding_worker import tiny_config, np_batch
+from selfaug_jax.lora import LoRAConfig
+from selfaug_jax.models.decoder import DecoderLM
+from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
+from selfaug_jax.train.sharding import ShardingPlan
+from selfaug_jax.train.state import init_train_state
+from selfaug_jax.train.step import make_train_step
+
+def run(plan):
+    opt, sched = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0), 2)
+    md, st = init_train_state(DecoderLM(tiny_config(), rngs=nnx.Rngs(0)), "lora-orth", opt,
+                              lora_config=LoRAConfig(rank=4, dropout=0.0))
+    if plan is None:
+        step, put = make_train_step(md, opt, sched), lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+    else:
+        st = plan.shard_state(st)
+        step = make_train_step(md, opt, sched, state_shardings=plan.state_shardings(st),
+                               batch_sharding=plan.batch_sharding())
+        put = plan.put_batch
+    rows = []
+    for i in range(2):
+        st, m = step(st, put(np_batch(i)))
+        rows.append([float(m["loss"]), float(m["orth"])])
+    basis = st.constants["orth"]["layers"]["self_attn"]["o_proj"]["orth_basis"]
+    return rows, str(getattr(basis.sharding, "spec", None))
+
+with jax.default_device(jax.devices()[0]):
+    single, _ = run(None)
+sharded, spec = run(ShardingPlan.from_config(SimpleNamespace(data=1, fsdp=2, tensor=2)))
+print(json.dumps({"single": single, "sharded": sharded, "spec": spec}))
+"""
+
+
+def test_lora_orth_sharded_equals_one_device():
+    """4 fake devices (fsdp=2, tensor=2, a fresh process): the orth bases are laid out like LoRA A (o_proj's input
+    axis is the heads axis -> tensor) and the 2-step losses and orth values equal the one-device run."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True, timeout=900,
+                          cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["spec"] == "PartitionSpec(None, 'tensor')" or out["spec"] == "P(None, 'tensor')", out["spec"]
+    np.testing.assert_allclose(np.asarray(out["sharded"]), np.asarray(out["single"]), rtol=1e-5)
+    assert out["single"][1][1] < out["single"][0][1]  # the orth value moves
