@@ -29,8 +29,12 @@ Options beyond the released code (the defaults above are unchanged by them):
 * ``temperature``: both distributions of the alignment term are ``softmax(logits / temperature)`` (no ``T**2``
   rescaling; the CE term always uses the raw logits).
 * ``align``: which positions are aligned: ``"prompt"`` (labels == -100, the default), ``"prompt_without_padding"``
-  (also requires ``attention_mask_bt == 1``) or ``"all"`` (every position). ``include_padding=False`` removes
-  ``attention_mask_bt == 0`` positions from any choice.
+  (also requires ``attention_mask_bt == 1``), ``"all"`` (every position) or ``"response"``: the positions ``t``
+  whose logits predict a response token, ``labels[t + 1] != -100`` -- exactly the CE positions, as LLaMA-Factory's
+  ASFT aligns them (``asft_loss_func`` in ``train/trainer_utils.py`` shifts logits, reference logits and labels
+  together and keeps ``shift_labels != -100``). ``"prompt"`` and ``"response"`` together cover every non-padding
+  position, and share one: the last prompt position, whose logits predict the first response token.
+  ``include_padding=False`` removes ``attention_mask_bt == 0`` positions from any choice.
 
 A batch with no target (or no aligned) position gives 0 for that term, never NaN; ``aux`` reports the counts.
 
@@ -84,7 +88,7 @@ __all__ = [
 ]
 
 Direction = Literal["forward", "reverse", "jsd"]
-Align = Literal["prompt", "prompt_without_padding", "all"]
+Align = Literal["prompt", "prompt_without_padding", "all", "response"]
 GradMode = Literal["precompute", "remat"]
 
 
@@ -133,9 +137,15 @@ def _shifted_targets_bt(labels_bt: jax.Array) -> jax.Array:
 
 def _align_mask_bt(labels_bt: jax.Array, attention_mask_bt: jax.Array | None, align: str,
                    include_padding: bool) -> jax.Array:
-    """Boolean ``[B, T]`` mask of the (unshifted) positions whose distributions are aligned."""
+    """Boolean ``[B, T]`` mask of the positions whose distributions are aligned (logits at ``t`` predict ``t + 1``).
+
+    ``"prompt"``: ``labels[t] == -100`` (unshifted, the released SelfAug code); ``"response"``: ``labels[t + 1] !=
+    -100`` (shifted, the CE positions; LLaMA-Factory's ASFT); ``"all"``: every position.
+    """
     if align == "all":
         mask_bt = jnp.ones(labels_bt.shape, dtype=bool)
+    elif align == "response":
+        mask_bt = _shifted_targets_bt(labels_bt) != IGNORE_INDEX
     else:
         mask_bt = labels_bt == IGNORE_INDEX
     if align == "prompt_without_padding" or not include_padding:
@@ -240,7 +250,8 @@ def selfaug_kl(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: jax.
         ``"jsd"`` = generalized JSD with ``beta`` (0 = forward, 1 = reverse).
       beta: JSD mixing weight of the reference, only used by ``direction="jsd"``.
       temperature: both distributions are ``softmax(logits / temperature)``.
-      align: ``"prompt"``, ``"prompt_without_padding"`` or ``"all"`` positions.
+      align: ``"prompt"`` (``labels[t] == -100``), ``"prompt_without_padding"``, ``"all"`` or ``"response"``
+        (``labels[t + 1] != -100``: the positions predicting a response token, as ASFT) positions.
       include_padding: ``False`` drops positions with ``attention_mask_bt == 0``.
       attention_mask_bt: ``[B, T]`` 1 = real token, 0 = padding; needed only by the padding-excluding options.
 

@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 """Label value marking a position without a target (Hugging Face / torch ``ignore_index``)."""
 
 DIRECTIONS = ("forward", "reverse", "jsd")
-ALIGNS = ("prompt", "prompt_without_padding", "all")
+ALIGNS = ("prompt", "prompt_without_padding", "all", "response")
 GRAD_MODES = ("precompute", "remat")
 
 

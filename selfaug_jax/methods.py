@@ -9,7 +9,8 @@ A method says four things, and nothing else in the project decides them:
 * **which loss terms** are added to the cross-entropy (their weights are config values, see
   :mod:`selfaug_jax.train.objective`): ``"prompt_kl"`` (SelfAug: KL(p_ref || p_policy) on the prompt positions),
   ``"features"`` (Table 2: a distance between intermediate features on the same positions,
-  :mod:`selfaug_jax.feature_loss`), and the terms the baselines add;
+  :mod:`selfaug_jax.feature_loss`), ``"response_kl"`` (the same KL on the response positions, as LLaMA-Factory's
+  ASFT), ``"orth"`` (the orthogonal loss, :mod:`selfaug_jax.orth_loss`), and the terms the baselines add;
 * **which training-data transform** is applied before tokenisation (``"none"``, or a replay / self-distillation
   transform).
 
@@ -87,7 +88,7 @@ class Method:
 
 
 # Loss terms that compare the policy with the reference model (the others, e.g. a weight penalty, do not).
-REFERENCE_TERMS = frozenset({"prompt_kl", "features"})
+REFERENCE_TERMS = frozenset({"prompt_kl", "response_kl", "features"})
 
 _ENTRIES: tuple[Method, ...] = (
     Method("sft", "SFT", trains="all", summary="full fine-tuning, cross-entropy only"),
@@ -96,6 +97,9 @@ _ENTRIES: tuple[Method, ...] = (
            summary="LoRA on the task data mixed 1:9 with self-synthesized general instructions (Magpie replay)"),
     Method("lora-sdft", "LoRA + SDFT", trains="lora", data="sdft", table=1,
            summary="LoRA on the task data with each answer rewritten by the base model (self-distillation)"),
+    Method("lora-orth", "LoRA + Orth.", trains="lora", terms=("orth",), table=1,
+           summary="LoRA + lambda1 * sum |V_k^T A| (A orthogonal to the base weight's top-k input directions; "
+                   "this project's reading of the paper's orthogonal loss)"),
     Method("selfaug", "SelfAug", trains="lora", reference="base", terms=("prompt_kl",),
            summary="LoRA + KL(p_base || p_policy) on the prompt tokens (the paper's method)"),
     Method("selfaug-features", "SelfAug (features)", trains="lora", reference="base", terms=("features",), table=2,
@@ -104,6 +108,9 @@ _ENTRIES: tuple[Method, ...] = (
                    "(Table 2)"),
     Method("sft-selfaug", "SFT + SelfAug", trains="all", reference="copy", terms=("prompt_kl",), table=0,
            summary="full fine-tuning + the prompt-token KL to a frozen copy (the paper claims, never tests, this)"),
+    Method("lora-response-kl", "LoRA + response KL", trains="lora", reference="base", terms=("response_kl",),
+           table=0, summary="LoRA + KL(p_base || p_policy) on the response tokens (ASFT's positions): the contrast "
+                            "to SelfAug's prompt-token choice"),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}

@@ -397,7 +397,7 @@ def test_config_round_trip_and_validation():
     with pytest.raises(ValueError, match="alpha"):
         SelfAugLossConfig(alpha=-1.0)
     with pytest.raises(ValueError, match="align"):
-        SelfAugLossConfig(align="response")
+        SelfAugLossConfig(align="middle")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Experiment configuration: dataclass sections, YAML presets with inheritance, ``key=value`` overrides.
 
 A preset is a YAML file under ``experiments/configs/`` whose top-level keys are the sections below (``model``,
-``data``, ``train``, ``lora``, ``optimizer``, ``loss``, ``features``, ``eval``, ``mesh``, ``output``, ``magpie``,
-``sdft``) plus an optional
+``data``, ``train``, ``lora``, ``optimizer``, ``loss``, ``orth``, ``features``, ``eval``, ``mesh``, ``output``,
+``magpie``, ``sdft``) plus an optional
 ``preset_base: NAME`` to inherit from another preset. Overrides use dotted keys (``train.batch_size=4``,
 ``optimizer.learning_rate=1e-4``). Every key is checked: an unknown key or a value of the wrong type is reported
 with the valid choices, before any work starts.
@@ -42,6 +42,7 @@ from selfaug_jax.feature_loss import FeatureLossConfig
 from selfaug_jax.lora import ALL_LINEAR_TARGETS
 from selfaug_jax.loss import SelfAugLossConfig
 from selfaug_jax.models.remat import REMAT_POLICIES
+from selfaug_jax.orth_loss import OrthConfig
 from selfaug_jax.train.optimizer import OptimizerConfig
 from selfaug_jax.methods import METHOD_NAMES
 
@@ -185,6 +186,7 @@ class ExperimentConfig:
     lora: LoRASection = dataclasses.field(default_factory=LoRASection)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     loss: SelfAugLossConfig = dataclasses.field(default_factory=SelfAugLossConfig)
+    orth: OrthConfig = dataclasses.field(default_factory=OrthConfig)  # lora-orth's term (lambda1, lambda2, top_k)
     # selfaug-features (Table 2): site q|k|v|o|attn|ffn|residual, distance mse|cosine, weight, layers (null: all)
     features: FeatureLossConfig = dataclasses.field(default_factory=FeatureLossConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

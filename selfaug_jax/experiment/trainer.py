@@ -51,6 +51,8 @@ from selfaug_jax.train.step import StepConfig, make_train_step
 logger = logging.getLogger(__name__)
 
 LOGGED_KEYS = ("loss", "ce", "kl", "learning_rate", "grad_norm", "n_tokens", "n_target_tokens", "n_aligned_tokens")
+"""Metrics every step has, logged first; every other scalar metric of the step (a loss term's own metrics, e.g.
+``orth``) is logged after them, in name order."""
 
 
 NONFINITE_TEST_HOOK_ENV = "SELFAUG_JAX_TEST_NONFINITE_AT_STEP"
@@ -176,17 +178,23 @@ class MetricsLogger:
 
 
 def _host_metrics(metrics_list: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
-    """The logged metrics of several steps as Python numbers (one ``device_get`` of the small scalars):
-    :data:`LOGGED_KEYS`, then every other metric of the step (a loss term's own, e.g. ``feature_distance``)."""
-    fetched = jax.device_get(metrics_list)
+    """The logged metrics of several steps as Python numbers (one ``device_get`` of the small scalars): the
+    :data:`LOGGED_KEYS`, then every other scalar metric of the step (the method's loss-term metrics)."""
+    keys = [_logged_keys(m) for m in metrics_list]
+    fetched = jax.device_get([{k: m[k] for k in ks} for ks, m in zip(keys, metrics_list)])
     out = []
-    for one in fetched:
+    for ks, one in zip(keys, fetched):
         row = {}
-        for k in LOGGED_KEYS + tuple(sorted(set(one) - set(LOGGED_KEYS))):
+        for k in ks:  # in this order (device_get returns dicts with sorted keys)
             v = np.asarray(one[k])
             row["lr" if k == "learning_rate" else k] = int(v) if v.dtype.kind in "iu" else float(v)
         out.append(row)
     return out
+
+
+def _logged_keys(metrics: dict[str, Any]) -> list[str]:
+    extra = sorted(k for k, v in metrics.items() if k not in LOGGED_KEYS and np.ndim(v) == 0)
+    return list(LOGGED_KEYS) + extra
 
 
 def _nonfinite_test_step() -> int | None:
@@ -231,11 +239,12 @@ def train_method(
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
 
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)
-    model_def, state = init_train_state(model, method, optimizer, lora_config=lora_config_of(cfg), seed=tcfg.seed)
     step_config = StepConfig(
-        loss=cfg.loss, grad_accum_steps=tcfg.grad_accum_steps, accum_normalization=tcfg.accum_normalization,
-        features=cfg.features,
+        loss=cfg.loss, orth=cfg.orth, features=cfg.features, grad_accum_steps=tcfg.grad_accum_steps,
+        accum_normalization=tcfg.accum_normalization,
     )
+    model_def, state = init_train_state(model, method, optimizer, lora_config=lora_config_of(cfg), seed=tcfg.seed,
+                                        config=step_config)
     if plan is not None:
         state = plan.shard_state(state)
         step_fn = make_train_step(

@@ -18,7 +18,10 @@ Two kinds of term:
   value and metrics, added to the total. A term that needs per-layer features (:data:`TERM_TAPS`, e.g.
   ``features``) gets them from the forwards themselves: the reference runs first with the term's layer taps, and
   the policy's layer scan reduces its own taps against them (``selfaug_jax/models/taps.py``); the stacked per-layer
-  results are ``TermContext.layer_taps``.
+  results are ``TermContext.layer_taps``;
+  a term that needs non-trained arrays computed once per run (e.g. the ``orth`` term's SVD bases of the base
+  weights) registers a builder in :data:`TERM_CONSTANTS`; ``init_train_state`` stores its result in
+  ``TrainState.constants[term]`` and the term reads ``ctx.constants[term]``.
 
 ``aux`` always holds ``ce``, ``kl``, ``n_target_tokens`` and ``n_aligned_tokens`` (both 0 for a method without a
 logit term); additive terms add their own float scalars. Float entries are per-micro-batch values, int entries
@@ -34,6 +37,7 @@ import jax
 
 from selfaug_jax import feature_loss
 from selfaug_jax import loss as loss_lib
+from selfaug_jax import orth_loss
 from selfaug_jax.models.taps import LayerTaps
 
 Batch = dict[str, jax.Array]
@@ -42,7 +46,9 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 ``config`` is the step's ``StepConfig``; ``rng`` the dropout key (``None`` in evaluation); ``normalizers`` the
 ``(targets, aligned)`` token counts to divide sums by for token-weighted accumulation, or ``None`` for this
-micro-batch's own counts (the released code)."""
+micro-batch's own counts (the released code). When the state carries term constants (``TrainState.constants``
+non-empty) the step also passes them as the keyword ``constants=``; a loss function for methods without such terms
+never receives it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +64,29 @@ class TermContext:
     ref_hidden_btd: jax.Array | None
     normalizers: tuple[jax.Array, jax.Array] | None
     layer_taps: Any = None  # the policy scan's per-layer outputs for a term of TERM_TAPS (stacked [L, ...])
+    constants: dict[str, Any] | None = None
+
+    @property
+    def batch_share(self) -> float:
+        """This micro-batch's share of a per-batch (not per-token) term, e.g. a weight penalty: the step averages
+        micro-batch totals in ``"mean"`` accumulation (share 1) and sums them in ``"token"`` accumulation (share
+        ``1 / grad_accum_steps``), so the term counts once per optimizer step either way."""
+        if getattr(self.config, "accum_normalization", "mean") == "token":
+            return 1.0 / self.config.grad_accum_steps
+        return 1.0
 
 
 # logit term -> the ``align`` value of the fused loss (a function of the step config, so options can choose).
 LOGIT_TERMS: dict[str, Callable[[Any], str]] = {
     "prompt_kl": lambda config: config.loss.align,
+    # ASFT's positions (LLaMA-Factory asft_loss_func): logits predicting a response token, labels[t + 1] != -100.
+    "response_kl": lambda config: "response",
 }
 
 # additive term -> fn(TermContext) -> (weighted value, {metric: float scalar}).
 ADDITIVE_TERMS: dict[str, Callable[[TermContext], tuple[jax.Array, dict[str, jax.Array]]]] = {
     "features": feature_loss.feature_term,
+    "orth": orth_loss.orth_term,
 }
 
 # additive term -> fn(step config, batch) -> the LayerTaps its forwards need: ``sites`` are tapped in the reference's
@@ -75,6 +94,23 @@ ADDITIVE_TERMS: dict[str, Callable[[TermContext], tuple[jax.Array, dict[str, jax
 TERM_TAPS: dict[str, Callable[[Any, Batch], LayerTaps]] = {
     "features": feature_loss.tap_request,
 }
+
+# term -> fn(model with adapters, Method, StepConfig | None) -> pytree of arrays, computed once by init_train_state.
+TERM_CONSTANTS: dict[str, Callable[[Any, Any, Any], Any]] = {
+    "orth": orth_loss.orth_constants,
+}
+
+
+def term_constants(model, spec, config) -> dict[str, Any]:
+    """``{term: constants}`` for the terms of ``spec`` that have a :data:`TERM_CONSTANTS` builder (else ``{}``)."""
+    return {t: TERM_CONSTANTS[t](model, spec, config) for t in spec.terms if t in TERM_CONSTANTS}
+
+
+def logit_align(spec, config) -> str | None:
+    """The ``align`` of the method's logit term (``None`` without one): the positions its KL is averaged over,
+    e.g. for the aligned-token normaliser of token-weighted accumulation."""
+    logit_term, _ = _split_terms(spec.terms)
+    return None if logit_term is None else LOGIT_TERMS[logit_term](config)
 
 
 def _split_terms(terms: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
@@ -90,8 +126,10 @@ def _split_terms(terms: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
     return (logit[0] if logit else None), other
 
 
-def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normalizers):
-    """The default :data:`LossFn`: CE plus the terms of ``model_def.spec`` (see the module docstring)."""
+def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normalizers, *, constants=None):
+    """The default :data:`LossFn`: CE plus the terms of ``model_def.spec`` (see the module docstring).
+
+    ``constants``: ``TrainState.constants`` (``{term: pytree}``), for the terms that need them."""
     spec = model_def.spec
     logit_term, additive = _split_terms(spec.terms)
     kwargs = dict(
@@ -145,7 +183,7 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
     aux = dict(aux)
     if additive:
         ctx = TermContext(model_def, config, trainable, frozen, batch, hidden_btd, ref_hidden_btd, normalizers,
-                          layer_taps)
+                          layer_taps, constants)
         for name in additive:
             value, metrics = ADDITIVE_TERMS[name](ctx)
             total = total + value

@@ -12,7 +12,8 @@ up_proj/kernel``) matches a regex in :data:`PARAM_RULES` giving *logical* axes (
 :data:`LOGICAL_TO_MESH` maps each logical axis to mesh axes. Decoder-layer parameters (paths under ``layers/``) are
 stacked over the layers and get the replicated ``"layers"`` axis in front of their rule's axes. Optimizer states
 (optax ``mu`` / ``nu``) mirror the parameter tree, so their paths end with the parameter path and match the same
-rules; scalars are replicated.
+rules; scalars are replicated. Term constants (``TrainState.constants``, e.g. the ``orth`` term's singular bases)
+have their own path rules, placed like the parameters they multiply.
 
 Multi-host: every process builds the same plan; :meth:`ShardingPlan.put_batch` takes this process's rows of the
 global batch (see :meth:`ShardingPlan.process_batch_slice`) and assembles the global array.
@@ -76,6 +77,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     *[(rf"(^|/){name}/lora_a$", (axes[0], "rank")) for name, axes in _PROJECTIONS.items()],
     *[(rf"(^|/){name}/lora_b$", ("rank", axes[1])) for name, axes in _PROJECTIONS.items()],
     *[(rf"(^|/){name}/bias$", (_bias_axis(axes[1]),)) for name, axes in _PROJECTIONS.items()],
+    # TrainState.constants["orth"]: the [in, k] top singular basis of a kernel, laid out like the LoRA A it
+    # multiplies (in-axis sharded as the kernel's, k replicated), so V_k^T A is shard-local plus a [k, r] reduction.
+    *[(rf"(^|/){name}/orth_basis$", (axes[0], "rank")) for name, axes in _PROJECTIONS.items()],
     (r"(^|/)(input_layernorm|post_attention_layernorm|norm|q_norm|k_norm)/scale$", ("norm",)),
 )
 
@@ -219,6 +223,7 @@ class ShardingPlan:
             opt_state=self.tree_shardings(state.opt_state),
             step=self.replicated(),
             rng=self.replicated(),
+            constants=self.tree_shardings(state.constants),
         )
 
     def shard_state(self, state: Any) -> Any:

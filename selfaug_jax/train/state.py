@@ -26,6 +26,7 @@ from flax import nnx, struct
 from selfaug_jax.lora import LoRAConfig, add_lora, split_lora_model
 from selfaug_jax.methods import Method, get_method
 from selfaug_jax.models.decoder import DecoderLM, LoRAParam
+from selfaug_jax.train.objective import term_constants
 
 
 class TrainState(struct.PyTreeNode):
@@ -37,6 +38,10 @@ class TrainState(struct.PyTreeNode):
         opt_state: optax state of ``trainable``.
         step: int32 optimizer step.
         rng: PRNG key (LoRA dropout).
+        constants: non-trained arrays that a method's loss terms need, computed once by :func:`init_train_state`
+            (``{term name: pytree}``, see ``objective.TERM_CONSTANTS``; e.g. ``"orth"``: the top-k singular basis of
+            every adapted base weight). Empty for most methods. Like ``frozen`` they are derived from the base
+            weights, so checkpoints do not store them: a restored state keeps its template's (rebuilt) constants.
     """
 
     trainable: Any
@@ -44,6 +49,7 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     step: jax.Array
     rng: jax.Array
+    constants: Any = struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +98,13 @@ def init_train_state(
     *,
     lora_config: LoRAConfig | None = None,
     seed: int = 0,
+    config: Any = None,
 ) -> tuple[ModelDef, TrainState]:
-    """Split ``model`` for ``method`` and build the initial state. LoRA methods add adapters (in place)."""
+    """Split ``model`` for ``method`` and build the initial state. LoRA methods add adapters (in place).
+
+    ``config`` is the step's ``StepConfig`` (``None``: the defaults): the options of loss terms whose constants are
+    computed here, once per run (``objective.TERM_CONSTANTS``, e.g. ``orth.top_k``).
+    """
     spec = get_method(method)
     if spec.uses_lora:
         has_lora = any(True for _ in nnx.to_flat_state(nnx.state(model, LoRAParam)))
@@ -113,5 +124,6 @@ def init_train_state(
         opt_state=optimizer.init(trainable),
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed)),
+        constants=term_constants(model, spec, config),
     )
     return model_def, state

@@ -29,7 +29,8 @@ import optax
 
 from selfaug_jax import loss as loss_lib
 from selfaug_jax.feature_loss import FeatureLossConfig
-from selfaug_jax.train.objective import LossFn, method_loss
+from selfaug_jax.orth_loss import OrthConfig
+from selfaug_jax.train.objective import LossFn, logit_align, method_loss
 from selfaug_jax.train.state import ModelDef, TrainState
 
 ACCUM_NORMALIZATIONS = ("mean", "token")
@@ -41,7 +42,9 @@ class StepConfig:
     """Static options of the train / eval step.
 
     Attributes:
-        loss: SelfAug loss options (alpha, direction, chunk size, ...). Ignored (CE only) for ``lora`` / ``sft``.
+        loss: SelfAug loss options (alpha, direction, chunk size, ...), used by the methods with a logit term
+            (``prompt_kl``, ``response_kl``); the CE's chunk size and grad mode for every method.
+        orth: options of the ``orth`` term (``lora-orth``; ``selfaug_jax/orth_loss.py``).
         grad_accum_steps: micro-batches per optimizer step.
         accum_normalization: "mean" = the released code's (mean over micro-batches of per-micro-batch means);
             "token" = token-weighted (equals one big batch): CE over all targets, KL over all aligned tokens.
@@ -49,6 +52,7 @@ class StepConfig:
     """
 
     loss: loss_lib.SelfAugLossConfig = loss_lib.SelfAugLossConfig()
+    orth: OrthConfig = OrthConfig()
     grad_accum_steps: int = 1
     accum_normalization: str = "mean"
     features: FeatureLossConfig = FeatureLossConfig()
@@ -72,14 +76,15 @@ def _split_micro(batch: Batch, k: int) -> Batch:
 
 
 def _accumulate(model_def: ModelDef, config: StepConfig, trainable, frozen, batch: Batch, rng, *, with_grad: bool,
-                loss_fn: LossFn = method_loss):
+                loss_fn: LossFn = method_loss, constants: Any = None):
     """Run the micro-batches; returns (grads or None, metrics) with the configured normalisation.
 
     "mean": each micro-batch loss is normalised by its own token counts and the k losses are averaged.
     "token": every micro-batch divides its CE / KL sums by the counts of the *whole* batch, so the summed loss
     (and gradient) equals that of one big batch.
     Metrics: ``loss`` plus every ``aux`` entry of the loss; float entries are averaged like the loss, int entries
-    (token counts) summed.
+    (token counts) summed. ``constants`` (``TrainState.constants``) reach ``loss_fn`` as ``constants=`` when
+    non-empty.
     """
     k = config.grad_accum_steps
     micro = _split_micro(batch, k)
@@ -88,7 +93,8 @@ def _accumulate(model_def: ModelDef, config: StepConfig, trainable, frozen, batc
         normalizers = loss_lib.token_counts(
             batch["labels_bt"],
             batch["attention_mask_bt"],
-            align=config.loss.align,
+            # the positions of the method's own logit term (prompt or response), not necessarily loss.align
+            align=logit_align(model_def.spec, config) or config.loss.align,
             include_padding=config.loss.include_padding,
         )
         scale = 1.0
@@ -96,8 +102,10 @@ def _accumulate(model_def: ModelDef, config: StepConfig, trainable, frozen, batc
         normalizers = None
         scale = 1.0 / k
 
+    extra = {"constants": constants} if constants else {}
+
     def objective(params, mb, mb_rng):
-        total, aux = loss_fn(model_def, config, params, frozen, mb, mb_rng, normalizers)
+        total, aux = loss_fn(model_def, config, params, frozen, mb, mb_rng, normalizers, **extra)
         return total * scale if k > 1 else total, aux
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -146,7 +154,8 @@ def train_step_fn(
         rng = jax.random.wrap_key_data(state.rng)
         rng, step_rng = jax.random.split(rng)
         grads, metrics = _accumulate(
-            model_def, config, state.trainable, state.frozen, batch, step_rng, with_grad=True, loss_fn=loss_fn
+            model_def, config, state.trainable, state.frozen, batch, step_rng, with_grad=True, loss_fn=loss_fn,
+            constants=state.constants,
         )
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
@@ -201,7 +210,7 @@ def make_eval_step(
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         _, metrics = _accumulate(
             model_def, config, state.trainable, state.frozen, batch, jax.random.key(0), with_grad=False,
-            loss_fn=loss_fn,
+            loss_fn=loss_fn, constants=state.constants,
         )
         return metrics
 
