@@ -93,11 +93,11 @@ REFERENCE_TERMS = frozenset({"prompt_kl", "response_kl", "features"})
 _ENTRIES: tuple[Method, ...] = (
     Method("sft", "SFT", trains="all", summary="full fine-tuning, cross-entropy only"),
     Method("lora", "LoRA", trains="lora", summary="LoRA adapters, cross-entropy only"),
-    Method("lora-magpie", "LoRA + MAGPIE", trains="lora", data="magpie", table=1,
+    Method("lora-magpie", "LoRA + MAGPIE", trains="lora", data="magpie", table=1, options=("magpie",),
            summary="LoRA on the task data mixed 1:9 with self-synthesized general instructions (Magpie replay)"),
-    Method("lora-sdft", "LoRA + SDFT", trains="lora", data="sdft", table=1,
+    Method("lora-sdft", "LoRA + SDFT", trains="lora", data="sdft", table=1, options=("sdft",),
            summary="LoRA on the task data with each answer rewritten by the base model (self-distillation)"),
-    Method("lora-orth", "LoRA + Orth.", trains="lora", terms=("orth",), table=1,
+    Method("lora-orth", "LoRA + Orth.", trains="lora", terms=("orth",), table=1, options=("orth",),
            summary="LoRA + lambda1 * sum |V_k^T A| (A orthogonal to the base weight's top-k input directions; "
                    "this project's reading of the paper's orthogonal loss)"),
     Method("selfaug", "SelfAug", trains="lora", reference="base", terms=("prompt_kl",),
