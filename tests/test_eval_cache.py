@@ -14,7 +14,8 @@ from flax import nnx
 from selfaug_jax.eval import base_cache, suite
 from selfaug_jax.eval.base_cache import base_evaluation, cache_key, model_fingerprint
 from selfaug_jax.eval.suite import EvalConfig, evaluate_model, prepare_eval_data, reference_responses
-from selfaug_jax.models import DecoderLM, ModelConfig, load_tokenizer
+from selfaug_jax.models import DecoderLM, load_tokenizer
+from _tiny_chat_model import tiny_chat_model
 
 CFG = EvalConfig(n_rag=2, n_ifeval=2, n_shift_general=2, n_shift_rag=1, max_new_tokens_rag=3,
                  max_new_tokens_ifeval=3, max_new_tokens_shift=3, batch_size=2, n_knowledge=2, mc_max_length=128,
@@ -24,14 +25,6 @@ CFG = EvalConfig(n_rag=2, n_ifeval=2, n_shift_general=2, n_shift_rag=1, max_new_
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("smollm2-135m-instruct")
-
-
-def _tiny_model(tokenizer, seed: int) -> DecoderLM:
-    cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      tie_word_embeddings=True, max_position_embeddings=2048,
-                      eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
-    return DecoderLM(cfg, rngs=nnx.Rngs(seed))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ class _Calls:
 
 def test_hit_reuses_everything_and_says_so(tmp_path, tokenizer, data, monkeypatch, caplog):
     cfg = dataclasses.replace(CFG, cache_dir=str(tmp_path))
-    model = _tiny_model(tokenizer, 0)
+    model = tiny_chat_model(tokenizer, 0)
     calls = _Calls(monkeypatch)
     first = base_evaluation(model, tokenizer, data, cfg)
     assert not first.cache_hit and calls.n == 2 and first.path.exists()
@@ -77,15 +70,15 @@ def test_hit_reuses_everything_and_says_so(tmp_path, tokenizer, data, monkeypatc
 
 def test_any_key_change_is_a_miss(tmp_path, tokenizer, data):
     cfg = dataclasses.replace(CFG, cache_dir=str(tmp_path))
-    model = _tiny_model(tokenizer, 0)
+    model = tiny_chat_model(tokenizer, 0)
     key, inputs = cache_key(model, tokenizer, data, cfg)
     # weights: one parameter element changed
-    perturbed = _tiny_model(tokenizer, 0)
+    perturbed = tiny_chat_model(tokenizer, 0)
     perturbed.norm.scale[...] = perturbed.norm.scale[...].at[0].add(1e-3)
     assert model_fingerprint(perturbed) != inputs["weights"]
     assert cache_key(perturbed, tokenizer, data, cfg)[0] != key
     # same weights, another object: same key (a fresh load of the base model hits)
-    assert cache_key(_tiny_model(tokenizer, 0), tokenizer, data, cfg)[0] == key
+    assert cache_key(tiny_chat_model(tokenizer, 0), tokenizer, data, cfg)[0] == key
     # compute dtype of the model (another graph, other rounding)
     bf16 = DecoderLM(model.config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert cache_key(bf16, tokenizer, data, cfg)[0] != key
@@ -105,7 +98,7 @@ def test_any_key_change_is_a_miss(tmp_path, tokenizer, data):
 
 def test_corrupted_or_stale_file_is_recomputed(tmp_path, tokenizer, data, monkeypatch, caplog):
     cfg = dataclasses.replace(CFG, cache_dir=str(tmp_path))
-    model = _tiny_model(tokenizer, 0)
+    model = tiny_chat_model(tokenizer, 0)
     first = base_evaluation(model, tokenizer, data, cfg)
     good = json.loads(first.path.read_text())
     calls = _Calls(monkeypatch)
@@ -123,7 +116,7 @@ def test_corrupted_or_stale_file_is_recomputed(tmp_path, tokenizer, data, monkey
 
 def test_cache_off_writes_nothing(tmp_path, tokenizer, data):
     cfg = dataclasses.replace(CFG, cache=False, cache_dir=str(tmp_path))
-    out = base_evaluation(_tiny_model(tokenizer, 0), tokenizer, data, cfg)
+    out = base_evaluation(tiny_chat_model(tokenizer, 0), tokenizer, data, cfg)
     assert not out.cache_hit and out.path is None and not any(tmp_path.iterdir())
     assert "cache" not in out.samples
 
@@ -150,14 +143,14 @@ def test_every_part_compiles_once_per_shape_across_models(tokenizer, data):
     """A second fine-tuned model of the same structure compiles nothing: generation, shift KL and MC scoring reuse
     the executables of the first (the recorded run recompiled the shift's KL functions for every model)."""
     cfg = dataclasses.replace(CFG, cache=False)
-    base = _tiny_model(tokenizer, 10)
+    base = tiny_chat_model(tokenizer, 10)
     refs = reference_responses(base, tokenizer, data, cfg)
     evaluate_model(base, tokenizer, data, cfg, original_model=base, reference_responses=refs)
     with _CompileCount() as first:
-        m1, _ = evaluate_model(_tiny_model(tokenizer, 11), tokenizer, data, cfg, original_model=base,
+        m1, _ = evaluate_model(tiny_chat_model(tokenizer, 11), tokenizer, data, cfg, original_model=base,
                                reference_responses=refs)
     with _CompileCount() as second:
-        m2, _ = evaluate_model(_tiny_model(tokenizer, 12), tokenizer, data, cfg, original_model=base,
+        m2, _ = evaluate_model(tiny_chat_model(tokenizer, 12), tokenizer, data, cfg, original_model=base,
                                reference_responses=refs)
     with _CompileCount() as probe:  # the counter sees compilations
         jax.jit(lambda x: x * 3 + 1)(jnp.ones(5))

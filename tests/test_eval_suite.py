@@ -19,7 +19,8 @@ from selfaug_jax.eval.suite import (
     reference_responses,
     select_subset,
 )
-from selfaug_jax.models import DecoderLM, ModelConfig, load_tokenizer
+from selfaug_jax.models import load_tokenizer
+from _tiny_chat_model import tiny_chat_model
 
 ARC = Path(__file__).parent / "fixtures" / "mc" / "arc_challenge.jsonl"
 CFG = EvalConfig(n_rag=4, n_ifeval=4, n_shift_general=4, n_shift_rag=4, max_new_tokens_rag=4,
@@ -33,17 +34,9 @@ def tokenizer():
     return load_tokenizer("smollm2-135m-instruct")
 
 
-def _tiny_model(tokenizer, seed: int) -> DecoderLM:
-    cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      tie_word_embeddings=True, max_position_embeddings=2048,
-                      eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
-    return DecoderLM(cfg, rngs=nnx.Rngs(seed))
-
-
 @pytest.fixture(scope="module")
 def setup(tokenizer):
-    original = _tiny_model(tokenizer, 0)
+    original = tiny_chat_model(tokenizer, 0)
     data = prepare_eval_data(tokenizer, CFG)
     refs = reference_responses(original, tokenizer, data, CFG)
     return original, data, refs
@@ -118,12 +111,12 @@ def test_evaluate_model_metrics(setup, tokenizer):
 
 def test_shift_against_copy_and_perturbed(setup, tokenizer):
     original, data, refs = setup
-    copy = _tiny_model(tokenizer, 0)  # same weights, separate object: goes through the KL computation
+    copy = tiny_chat_model(tokenizer, 0)  # same weights, separate object: goes through the KL computation
     metrics, _ = evaluate_model(copy, tokenizer, data, CFG, original_model=original, reference_responses=refs,
                                 parts=("shift",))
     assert set(metrics) == {"shift_general_input", "shift_general_response", "shift_rag_input", "shift_rag_response"}
     assert all(v == 0.0 for v in metrics.values())
-    perturbed = _tiny_model(tokenizer, 0)
+    perturbed = tiny_chat_model(tokenizer, 0)
     _, state = nnx.split(perturbed, nnx.Param)
     nnx.update(perturbed, jax.tree.map(lambda x: x * 1.5, state))
     metrics, _ = evaluate_model(perturbed, tokenizer, data, CFG, original_model=original, reference_responses=refs,
