@@ -43,6 +43,7 @@ from selfaug_jax.data.readers import iter_jsonl_objects
 from selfaug_jax.data.tfds_source import EpochSampler
 from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.lora import LoRAConfig, merge_lora, save_peft_adapter
+from selfaug_jax.methods import get_method
 from selfaug_jax.models.decoder import DecoderLM
 from selfaug_jax.train.optimizer import make_optimizer
 from selfaug_jax.train.state import ModelDef, TrainState, init_train_state
@@ -369,7 +370,7 @@ def export_run(run: MethodRun, cfg: ExperimentConfig, base_model_ref: str) -> No
     tmp = run.out_dir / f"export.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if run.model_def.spec.uses_lora:
+        if get_method(run.method).uses_lora:
             save_peft_adapter(run.model(), lora_config_of(cfg), tmp / "adapter",
                               base_model_name_or_path=base_model_ref)
         model = run.eval_model()
