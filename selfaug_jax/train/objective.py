@@ -138,12 +138,13 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
         segment_ids=batch.get("segment_ids_bt"),
     )
     policy = model_def.policy(trainable, frozen)
+    reference = model_def.reference(trainable, frozen) if spec.uses_reference else None
     tapped = [TERM_TAPS[t](config, batch) for t in additive if t in TERM_TAPS]
     ref_hidden_btd = layer_taps = None
     if not tapped:
         hidden_btd = policy.hidden_states(batch["input_ids_bt"], dropout_rng=rng, **kwargs)
     else:  # the reference first: its taps are scan inputs of the policy's forward (only the reductions leave it)
-        ref_hidden_btd, ref_taps = jax.lax.stop_gradient(model_def.reference(trainable, frozen).hidden_states(
+        ref_hidden_btd, ref_taps = jax.lax.stop_gradient(reference.hidden_states(
             batch["input_ids_bt"], taps=LayerTaps(tapped[0].sites), **kwargs))
         hidden_btd, layer_taps = policy.hidden_states(
             batch["input_ids_bt"], dropout_rng=rng, taps=dataclasses.replace(tapped[0], xs=ref_taps), **kwargs)
@@ -154,7 +155,6 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
         head_dv = jax.lax.stop_gradient(head_dv)
     cfg = config.loss
     n_target, n_aligned = normalizers if normalizers is not None else (None, None)
-    reference = model_def.reference(trainable, frozen) if spec.uses_reference else None
     if reference is not None and ref_hidden_btd is None:
         ref_hidden_btd = jax.lax.stop_gradient(reference.hidden_states(batch["input_ids_bt"], **kwargs))
     if logit_term is not None:
