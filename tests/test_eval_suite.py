@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 
 from selfaug_jax.data.default_task import SYSTEM_PROMPT
+from selfaug_jax.data.prompts import DocumentsTemplate
 from selfaug_jax.eval.report import DEFAULT_METRIC_INFO, resolve_metric_info, validate_results
 from selfaug_jax.eval.suite import (
     EXTRA_METRIC_INFO,
@@ -134,3 +136,36 @@ def test_shift_against_copy_and_perturbed(setup, tokenizer):
     with pytest.raises(ValueError, match="unknown parts"):
         evaluate_model(perturbed, tokenizer, data, CFG, original_model=original, reference_responses=refs,
                        parts=("rag", "speed"))
+
+
+def test_rag_max_length_drops_lowest_ranked_documents(tokenizer):
+    """``rag_max_length``: every prompt fits, documents go lowest-ranked first, and the counts are the real ones.
+
+    Independent check: for each record, the kept documents must be exactly what a greedy pass in rank order keeps
+    (each document if the prompt still fits), computed here by re-rendering every candidate prompt.
+    """
+    from selfaug_jax.data.default_task import load_default_task
+    from selfaug_jax.eval.shift import encode_prompt
+    from selfaug_jax.eval.suite import rag_chat, rag_chats
+
+    records = load_default_task("test")[:6]
+    limit = 300
+    chats, counts = rag_chats(tokenizer, records, DocumentsTemplate(), limit)
+    full = [rag_chat(r) for r in records]
+    n_fitted = n_dropped = 0
+    for rec, chat, whole in zip(records, chats, full):
+        assert len(encode_prompt(tokenizer, chat)) <= limit
+        docs = rec["documents"]
+        kept: list[int] = []
+        for i in range(len(docs)):  # rank order = list order of the shipped task
+            trial = {**rec, "documents": [docs[j] for j in kept + [i]]}
+            if len(encode_prompt(tokenizer, rag_chat(trial))) <= limit:
+                kept.append(i)
+        expected = rag_chat({**rec, "documents": [docs[j] for j in kept]})
+        assert chat == expected
+        n_fitted += chat != whole
+        n_dropped += len(docs) - len(kept)
+    assert counts == {"n_prompts_fitted": n_fitted, "n_documents_dropped": n_dropped, "n_prompts_too_long": 0}
+    assert n_fitted > 0  # the limit really cuts this fixture
+    data = prepare_eval_data(tokenizer, dataclasses.replace(CFG, rag_max_length=limit))
+    assert data.info["rag"]["prompt_tokens_max"] <= limit

@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -283,6 +283,31 @@ def build_chat(messages: Sequence[Message], template: DocumentsTemplate,
             content = m.content
         chat.append({"role": m.role, "content": content})
     return chat
+
+
+def fit_prompt_documents(messages: Sequence[Message], template: DocumentsTemplate,
+                         length_of: Callable[[list[dict[str, str]]], int], max_length: int
+                         ) -> tuple[list[dict[str, str]], int]:
+    """The chat of ``messages`` with the "drop" length policy applied to the prompt alone.
+
+    Documents are kept best-ranked first, each one if the rendered prompt still has at most ``max_length`` tokens
+    (``length_of(chat)``), exactly as the training data's ``truncation="drop"`` chooses them (the evaluation uses
+    it to see the contexts the model was trained on). Returns ``(chat, n_documents_dropped)``; a question too long
+    even without documents keeps none (the caller counts it).
+    """
+    order = _doc_removal_order(messages)
+    full = build_chat(messages, template)
+    if length_of(full) <= max_length:
+        return full, 0
+    cache: dict[frozenset[DocKey], int] = {}
+
+    def total(keep: frozenset[DocKey]) -> int:
+        if keep not in cache:
+            cache[keep] = length_of(build_chat(messages, template, set(keep)))
+        return cache[keep]
+
+    keep = _select_documents(order, total, max_length)
+    return build_chat(messages, template, set(keep)), len(order) - len(keep)
 
 
 def _special_ids(tokenizer: Any) -> set[int]:

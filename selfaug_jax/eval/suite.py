@@ -61,7 +61,7 @@ from flax import nnx
 
 from selfaug_jax.data.default_task import load_default_task
 from selfaug_jax.data.probes import KNOWLEDGE_MC_PATH, load_general_prompts, load_ifeval_probes
-from selfaug_jax.data.prompts import DocumentsTemplate, build_chat
+from selfaug_jax.data.prompts import DocumentsTemplate, build_chat, fit_prompt_documents
 from selfaug_jax.data.schema import RagExample
 from selfaug_jax.eval.ifeval import evaluate_ifeval
 from selfaug_jax.eval.mc_readers import MCExample, load_mc_dataset
@@ -100,6 +100,11 @@ class EvalConfig:
       n_shift_general: general prompts of the shift measurement.
       n_shift_rag: RAG prompts of the shift measurement.
       shift_rag_split: default-task split of the shift RAG prompts (another split than ``rag_split``).
+      rag_max_length: longest RAG prompt (evaluation and shift RAG prompts), in tokens: documents that do not fit
+        are dropped lowest-ranked first, as the training data's ``truncation: drop`` policy does (so a model is
+        evaluated on contexts of the length it was trained on; this project's option for CPU-sized presets).
+        None = every document (prompts of 300-1300 tokens on the shipped task). The prompts that lost documents
+        and the documents dropped are counted in the evaluation's ``info``.
       max_new_tokens_rag / max_new_tokens_ifeval / max_new_tokens_shift: greedy budgets; generation stops at the
         end-of-turn token, so a budget only bounds answers that would run on (the count that hit it is reported).
         ``max_new_tokens_shift`` is the budget of the answers to the general prompts: every model's (length /
@@ -134,6 +139,7 @@ class EvalConfig:
     n_shift_general: int | None = 64
     n_shift_rag: int | None = 32
     shift_rag_split: str = "dev"
+    rag_max_length: int | None = None
     max_new_tokens_rag: int = 32
     max_new_tokens_ifeval: int = 256
     max_new_tokens_shift: int = 256
@@ -176,6 +182,8 @@ class EvalConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0 or None, got {v}")
+        if self.rag_max_length is not None and self.rag_max_length < 64:
+            raise ValueError(f"EvalConfig.rag_max_length must be >= 64 tokens or None, got {self.rag_max_length}")
         for name in ("max_new_tokens_rag", "max_new_tokens_ifeval", "max_new_tokens_shift", "batch_size",
                      "collapse_words"):
             if getattr(self, name) < 1:
@@ -264,6 +272,32 @@ def rag_chat(record: Mapping[str, Any], template: DocumentsTemplate = DocumentsT
     return build_chat(example.to_messages()[:-1], template)
 
 
+def rag_chats(tokenizer: Any, records: Sequence[Mapping[str, Any]], template: DocumentsTemplate,
+              max_length: int | None) -> tuple[list[Chat], dict[str, int]]:
+    """The prompt chats of RAG records, with ``EvalConfig.rag_max_length``'s document policy when set.
+
+    Returns the chats and counts ``{"n_prompts_fitted", "n_documents_dropped", "n_prompts_too_long"}``
+    (prompts that lost documents, documents dropped, prompts over ``max_length`` even without documents).
+    """
+    counts = {"n_prompts_fitted": 0, "n_documents_dropped": 0, "n_prompts_too_long": 0}
+    if max_length is None:
+        return [rag_chat(r, template) for r in records], counts
+    chats = []
+    for r in records:
+        example = RagExample.from_dict({k: v for k, v in r.items() if k != "meta"} | {"meta": {}})
+        chat, dropped = fit_prompt_documents(example.to_messages()[:-1], template,
+                                             lambda c: len(encode_prompt(tokenizer, c)), max_length)
+        counts["n_prompts_fitted"] += dropped > 0
+        counts["n_documents_dropped"] += dropped
+        counts["n_prompts_too_long"] += len(encode_prompt(tokenizer, chat)) > max_length
+        chats.append(chat)
+    if counts["n_prompts_fitted"]:
+        logger.info("RAG prompts: %d of %d lost documents to rag_max_length=%d (%d documents dropped, lowest-ranked "
+                    "first; %d still longer)", counts["n_prompts_fitted"], len(records), max_length,
+                    counts["n_documents_dropped"], counts["n_prompts_too_long"])
+    return chats, counts
+
+
 def _by_length(tokenizer: Any, prompts: Sequence[Any], *aligned: Sequence[Any]) -> tuple[list[int], list[list]]:
     """Sort prompts (and aligned lists) by rendered token length, longest first; returns lengths + lists."""
     lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
@@ -298,15 +332,16 @@ def prepare_eval_data(tokenizer: Any, config: EvalConfig = EvalConfig(), *,
     else:
         shift_pool = rag_pool if rag_examples is not None else load_default_task(config.shift_rag_split)
     rag = _select_rag(rag_pool, config.n_rag, seed, "rag")
-    rag_len, (rag_prompts, rag) = _by_length(tokenizer, [rag_chat(r, config.documents_template) for r in rag], rag)
+    rag_chats_, rag_fit = rag_chats(tokenizer, rag, config.documents_template, config.rag_max_length)
+    rag_len, (rag_prompts, rag) = _by_length(tokenizer, rag_chats_, rag)
     ifeval = select_subset(load_ifeval_probes(), config.n_ifeval, seed, "ifeval")
     if_len, (_, ifeval) = _by_length(tokenizer, [r["prompt"] for r in ifeval], ifeval)
     general = select_subset(load_general_prompts(), config.n_shift_general, seed, "shift_general")
     gen_len, (general_prompts, general_ids) = _by_length(
         tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in general], [r["id"] for r in general])
     shift_rag = select_subset(shift_pool, config.n_shift_rag, seed, "shift_rag")
-    srag_len, (shift_rag_prompts, shift_rag_ids) = _by_length(
-        tokenizer, [rag_chat(r, config.documents_template) for r in shift_rag], [r.get("id") for r in shift_rag])
+    srag_chats, srag_fit = rag_chats(tokenizer, shift_rag, config.documents_template, config.rag_max_length)
+    srag_len, (shift_rag_prompts, shift_rag_ids) = _by_length(tokenizer, srag_chats, [r.get("id") for r in shift_rag])
     mc = {name: load_mc_dataset(path)[:config.n_mc] if config.n_mc is not None else load_mc_dataset(path)
           for name, path in config.mc_files.items()}
     if config.n_knowledge != 0:
@@ -314,8 +349,8 @@ def prepare_eval_data(tokenizer: Any, config: EvalConfig = EvalConfig(), *,
             raise ValueError("EvalConfig.mc_files: the name 'knowledge' is the shipped knowledge probe's; rename it "
                              "or set n_knowledge=0")
         mc["knowledge"] = select_subset(load_mc_dataset(KNOWLEDGE_MC_PATH), config.n_knowledge, seed, "knowledge")
-    info = {"rag": _length_info(rag_len), "ifeval": _length_info(if_len), "shift_general": _length_info(gen_len),
-            "shift_rag": _length_info(srag_len), "mc": {k: len(v) for k, v in mc.items()},
+    info = {"rag": {**_length_info(rag_len), **rag_fit}, "ifeval": _length_info(if_len),
+            "shift_general": _length_info(gen_len), "shift_rag": {**_length_info(srag_len), **srag_fit}, "mc": {k: len(v) for k, v in mc.items()},
             "rag_unanswerable": sum(is_unanswerable(r) for r in rag)}
     return EvalData(rag, rag_prompts, ifeval, general_ids, general_prompts, shift_rag_ids, shift_rag_prompts, mc,
                     info)
