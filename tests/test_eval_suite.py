@@ -169,3 +169,17 @@ def test_rag_max_length_drops_lowest_ranked_documents(tokenizer):
     assert n_fitted > 0  # the limit really cuts this fixture
     data = prepare_eval_data(tokenizer, dataclasses.replace(CFG, rag_max_length=limit))
     assert data.info["rag"]["prompt_tokens_max"] <= limit
+
+
+def test_periodic_config_overrides_and_validation():
+    cfg = EvalConfig(n_ifeval=300, periodic={"n_ifeval": 16, "n_rag": 0}, periodic_parts=("ifeval", "shift"))
+    sub = cfg.periodic_config()
+    assert (sub.n_ifeval, sub.n_rag, sub.periodic, sub.periodic_parts) == (16, 0, {}, None)
+    assert sub.n_shift_general == cfg.n_shift_general
+    assert EvalConfig().periodic_config() == EvalConfig()
+    with pytest.raises(ValueError, match=r"EvalConfig.periodic: unknown or nested field\(s\) \['n_ifevl'\]"):
+        EvalConfig(periodic={"n_ifevl": 16})
+    with pytest.raises(ValueError, match=r"EvalConfig.n_ifeval must be >= 0"):
+        EvalConfig(periodic={"n_ifeval": -1})
+    with pytest.raises(ValueError, match=r"periodic_parts: \['ifevl'\]"):
+        EvalConfig(periodic_parts=("ifevl",))

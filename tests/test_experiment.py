@@ -87,7 +87,11 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert curves["selfaug"][0]["loss"] == curves["selfaug"][0]["ce"]
     assert curves["selfaug"][-1]["kl"] > 0.0
     assert all(r["kl"] == 0.0 for r in curves["lora"])  # CE only
-    for name in ("report.md", "curves.png", "comparison.png"):
+    fig2 = summary["evals_over_training"]["selfaug"]  # eval.periodic's subset at steps 0 (base), 2, 4
+    assert [r["step"] for r in fig2] == [0, 2, 4]
+    assert fig2[0]["shift_general_input"] == 0.0 and fig2[-1]["shift_general_input"] > 0.0
+    assert "rag_em" not in fig2[1] and "ifeval_prompt_strict" in fig2[1]  # periodic_parts: ifeval, shift only
+    for name in ("report.md", "curves.png", "comparison.png", "shift_vs_ifeval.png"):
         assert (out_dir / name).exists(), name
     assert "| Metric | Base | LoRA | SelfAug |" in (out_dir / "report.md").read_text()
     assert "| Metric | Base | LoRA | SelfAug |" in proc.stdout  # the console ends with the table

@@ -12,7 +12,8 @@ The key (:func:`cache_key`) is a SHA-256 over:
 * the **model weights**: every parameter array's path, shape, dtype and bytes (:func:`model_fingerprint`), plus the
   model's structure (its config, compute dtype, attention chunk), since the compiled graph decides the rounding;
 * the **evaluation config**: every :class:`~selfaug_jax.eval.suite.EvalConfig` field except the cache's own
-  (``cache``, ``cache_dir``) and the lm-evaluation-harness fields, which :func:`evaluate_model` does not run;
+  (``cache``, ``cache_dir``), the lm-evaluation-harness fields and the periodic-evaluation fields, which
+  :func:`evaluate_model` does not read (a periodic subset is its own config, cached under its own key);
 * the **evaluation data**: every prompt, record and multiple-choice example of the
   :class:`~selfaug_jax.eval.suite.EvalData`, and the tokenizer (class, vocabulary size, special ids, chat template,
   and the token ids of every rendered prompt, so a tokenizer that splits differently is another key);
@@ -51,7 +52,8 @@ logger = logging.getLogger(__name__)
 EVAL_CACHE_VERSION = 1
 """Bump whenever generation, scoring, the metrics or the samples layout change (invalidates every cached file)."""
 
-_NOT_IN_KEY = ("cache", "cache_dir", "lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit", "adapter_scales")
+_NOT_IN_KEY = ("cache", "cache_dir", "lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit", "adapter_scales",
+               "periodic", "periodic_parts")
 
 
 @dataclasses.dataclass

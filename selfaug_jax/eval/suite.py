@@ -128,6 +128,11 @@ class EvalConfig:
         the experiment runner, not by :func:`evaluate_model`), an extra task directory, documents per task.
       adapter_scales: WiSE-FT scales in (0, 1): the runner also evaluates every LoRA run with its adapter merged at
         each scale (columns ``lora@0.5``; :func:`selfaug_jax.lora.merge_lora`). Not read by :func:`evaluate_model`.
+      periodic / periodic_parts: the evaluation during training (``train.eval_every_steps`` / ``eval_every_epoch``,
+        the paper's Figure 2): ``periodic`` overrides fields of this config for it (e.g. ``{n_ifeval: 16, n_rag:
+        0, max_new_tokens_ifeval: 128}``: a fixed seeded subset, the same for every method and step, whose step-0
+        point is the base model on it), ``periodic_parts`` the parts it runs (None = every part). Empty overrides
+        and None parts = the final evaluation's sizes. Read by the experiment runner only.
       cache / cache_dir: whether the experiment runner reuses the base model's evaluation from disk, and where
         (:func:`selfaug_jax.eval.base_cache.base_evaluation`; the key covers the weights, every other field here,
         the data and the code version).
@@ -169,10 +174,21 @@ class EvalConfig:
     adapter_scales: tuple[float, ...] = ()
     # The base model's evaluation cached on disk (selfaug_jax/eval/base_cache.py): reused when the weights, this
     # config, the data and the code version are the same; null cache_dir = $SELFAUG_JAX_CACHE/eval.
+    periodic: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    periodic_parts: tuple[str, ...] | None = None
     cache: bool = True
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(self.periodic) - names | set(self.periodic) & {"periodic", "periodic_parts"})
+        if bad:
+            raise ValueError(f"EvalConfig.periodic: unknown or nested field(s) {bad}; give fields of the eval section")
+        if self.periodic_parts is not None and set(self.periodic_parts) - set(PARTS):
+            raise ValueError(f"EvalConfig.periodic_parts: {sorted(set(self.periodic_parts) - set(PARTS))} are not "
+                             f"evaluation parts; choose from {PARTS}")
+        if self.periodic:
+            self.periodic_config()  # validates the overridden values with the same checks
         for s in self.adapter_scales:
             if not 0.0 < s < 1.0:
                 raise ValueError(f"EvalConfig.adapter_scales: {s} must be in (0, 1) (1 is the run's own column)")
@@ -201,6 +217,12 @@ class EvalConfig:
         sizes = dict(n_rag=32, n_ifeval=32, n_shift_general=32, n_shift_rag=8, max_new_tokens_rag=16,
                      max_new_tokens_ifeval=96, max_new_tokens_shift=48)
         return cls(**{**sizes, **overrides})
+
+    def periodic_config(self) -> "EvalConfig":
+        """This config with the ``periodic`` overrides applied (the evaluation config during training)."""
+        if not self.periodic:
+            return self
+        return dataclasses.replace(self, periodic={}, periodic_parts=None, **dict(self.periodic))
 
     def shift_config(self) -> ShiftConfig:
         return ShiftConfig(batch_size=self.batch_size, buckets=tuple(self.shift_buckets),

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from selfaug_jax.eval.report import write_report
 from selfaug_jax.eval.base_cache import base_evaluation
-from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, evaluate_model, prepare_eval_data
+from selfaug_jax.eval.suite import EXTRA_METRIC_INFO, PARTS, evaluate_model, prepare_eval_data
 from selfaug_jax.experiment.config import ExperimentConfig
 from selfaug_jax.experiment.preflight import check_tokenizer, preflight
 from selfaug_jax.experiment.train_data import tokenized_train_source, transformed_sources
@@ -131,9 +131,19 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
             sources[name] = src
             results["data"].setdefault("transforms", {})[name] = report
 
-    def evaluate(model, step, epoch):  # the periodic evaluation during training (same suite as the final one)
-        return evaluate_model(model, tokenizer, eval_data, cfg.eval, original_model=base_model,
-                              reference_responses=ref_responses)[0]
+    # The periodic evaluation during training (paper Fig. 2): eval.periodic's fixed subset (or the final sizes),
+    # whose step-0 point is the base model on the same subset (disk-cached like the base evaluation).
+    periodic_cfg = cfg.eval.periodic_config()
+    periodic_parts = cfg.eval.periodic_parts or PARTS
+    periodic_data, periodic_refs, periodic_base = eval_data, ref_responses, base_metrics
+    if periodic and periodic_cfg is not cfg.eval:
+        periodic_data = prepare_eval_data(tokenizer, periodic_cfg)
+        sub = base_evaluation(base_model, tokenizer, periodic_data, periodic_cfg)
+        periodic_refs, periodic_base = sub.reference_responses, sub.metrics
+
+    def evaluate(model, step, epoch):
+        return evaluate_model(model, tokenizer, periodic_data, periodic_cfg, original_model=base_model,
+                              reference_responses=periodic_refs, parts=periodic_parts)[0]
 
     for k, spec in enumerate(runs):
         method = spec.name
@@ -162,9 +172,10 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
         results["samples"][method] = samples
         results["curves"][method] = run.curves
         if periodic:
+            final = metrics if periodic_cfg is cfg.eval else evaluate(run.eval_model(), run.total_steps, None)
             results["evals_over_training"][method] = (
-                [{"step": 0, "epoch": 0.0, **base_metrics}] + run.evals
-                + [{"step": run.total_steps, "epoch": run.total_steps / run.steps_per_epoch, **metrics}]
+                [{"step": 0, "epoch": 0.0, **periodic_base}] + run.evals
+                + [{"step": run.total_steps, "epoch": run.total_steps / run.steps_per_epoch, **final}]
             )
         results["timing_s"][method] = {"train": round(run.wall_time_s, 1),
                                        "total": round(time.perf_counter() - t_method, 1)}
