@@ -372,7 +372,8 @@ def prepare_eval_data(tokenizer: Any, config: EvalConfig = EvalConfig(), *,
                              "or set n_knowledge=0")
         mc["knowledge"] = select_subset(load_mc_dataset(KNOWLEDGE_MC_PATH), config.n_knowledge, seed, "knowledge")
     info = {"rag": {**_length_info(rag_len), **rag_fit}, "ifeval": _length_info(if_len),
-            "shift_general": _length_info(gen_len), "shift_rag": {**_length_info(srag_len), **srag_fit}, "mc": {k: len(v) for k, v in mc.items()},
+            "shift_general": _length_info(gen_len), "shift_rag": {**_length_info(srag_len), **srag_fit},
+            "mc": {k: len(v) for k, v in mc.items()},
             "rag_unanswerable": sum(is_unanswerable(r) for r in rag)}
     return EvalData(rag, rag_prompts, ifeval, general_ids, general_prompts, shift_rag_ids, shift_rag_prompts, mc,
                     info)

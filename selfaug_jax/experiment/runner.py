@@ -108,7 +108,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
 
     results: dict[str, Any] = {
         "config": cfg.to_dict(),
-        "data": {"train_examples": len(source), "prompt_stats": data_stats},
+        "data": {"train_examples": len(source), "prompt_stats": data_stats, "eval": eval_data.info},
         "methods": {"base": base_metrics},
         "metric_info": dict(EXTRA_METRIC_INFO),
         "samples": {"base": base_samples},
