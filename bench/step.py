@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="query-chunk length of attention (default: the model default, 512); 0 = dense attention")
     p.add_argument("--attention-impl", default="auto",
                    choices=("auto", "xla_chunked", "dot_product", "cudnn", "splash"),
-                   help="attention kernel of the forward (model.attention_impl; selfaug_jax/models/attention_kernels.py)")
+                   help="attention kernel of the forward (model.attention_impl; models/attention_kernels.py)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=512, help="fused-loss vocabulary chunk (tokens)")
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (a ShardingPlan, as the runner builds)")

@@ -160,7 +160,7 @@ def test_dispatch_on_cpu_and_unknown_names():
     cfg = _tiny_config()
     with pytest.raises(ValueError, match=r"^model.attention_impl: unknown 'flash'"):
         DecoderLM(cfg, attention_impl="flash")
-    with pytest.raises(ConfigError, match=r"model.attention_impl: 'flash' is not one of auto, xla_chunked, dot_product"):
+    with pytest.raises(ConfigError, match=r"model.attention_impl: 'flash' is not one of auto, xla_chunked, dot_pro"):
         build_config("smoke", ["model.attention_impl=flash"])
     assert build_config("smoke", ["model.attention_impl=dot_product"]).model.attention_impl == "dot_product"
 
