@@ -38,6 +38,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 
 from selfaug_jax.models.attention import grouped_query_attention
@@ -92,8 +93,14 @@ jax.tree_util.register_dataclass(
 
 
 def _platform() -> str:
-    """The backend the forward is traced for (``cpu``, ``gpu``, ``tpu``); tests monkeypatch this."""
-    return jax.default_backend()
+    """The backend the forward is traced for: ``cpu``, ``gpu`` (CUDA), ``rocm`` or ``tpu``; tests monkeypatch this.
+
+    A ROCm GPU reports ``gpu`` too; its ``platform_version`` names ROCm (cuDNN needs CUDA, as jax's own check).
+    """
+    platform = jax.default_backend()
+    if platform == "gpu" and "rocm" in str(getattr(jax.extend.backend.get_backend(), "platform_version", "")).lower():
+        return "rocm"
+    return platform
 
 
 def check_attention_impl(impl: str) -> None:
@@ -179,9 +186,9 @@ def select_kernel(impl: str, q_bthd: jax.Array, mask, *, platform: str | None = 
         return impl, None
     wanted = impl
     if impl == "auto":
-        wanted = {"gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn", "tpu": "splash"}.get(platform)
+        wanted = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform)
         if wanted is None:
-            return "xla_chunked", None  # CPU (and anything else): the measured default
+            return "xla_chunked", None  # CPU (and anything else, e.g. ROCm): the measured default
     explicit = impl != "auto"
     needs = "gpu" if wanted == "cudnn" else "tpu"
     if platform not in ({"gpu", "cuda"} if wanted == "cudnn" else {"tpu"}):
