@@ -23,7 +23,7 @@ raises one ``ValueError`` naming ``model.attention_impl``; a mask *feature* it c
 or per-layer windows) falls back to xla_chunked with a logged warning. No path silently computes a different mask.
 
 **Hardware status**: ``xla_chunked`` and ``dot_product`` are tested equal to a float64 reference on CPU, and the
-splash kernel in Pallas interpret mode on CPU (tests/test_attention_kernels.py); the ``cudnn`` path and the
+splash kernel (values and gradients) in Pallas interpret mode on CPU (tests/test_attention_kernels.py); the ``cudnn`` path and the
 *compiled* splash kernel have not yet been run on a GPU / TPU (dispatch is tested with a faked platform).
 
 KV-cache decoding keeps ``grouped_query_attention`` (``DecoderLM.decode``); only the cache-free forward dispatches.
@@ -83,7 +83,9 @@ class ForwardMask:
         """From :func:`~selfaug_jax.models.attention.make_attention_mask`'s arguments (``DecoderLM._run_layers``):
         ``(q_index_bt, kv_index_bs, kv_valid_bs, q_segment_bt, kv_segment_bs)`` with ``q_index == kv_index``."""
         _, _, kv_valid_bs, q_segment_bt, _ = mask_args
-        segment_bt = kv_valid_bs if q_segment_bt is None else q_segment_bt
+        valid_bt = kv_valid_bs.astype(jnp.int32)
+        # Padding is segment 0 even where a caller's segment ids and attention mask disagree.
+        segment_bt = valid_bt if q_segment_bt is None else jnp.where(valid_bt > 0, q_segment_bt, 0)
         return cls(dense_bts, segment_bt.astype(jnp.int32), window, layer_window)
 
 
