@@ -22,9 +22,10 @@ A kernel chosen explicitly that cannot run here (wrong platform, import error, s
 raises one ``ValueError`` naming ``model.attention_impl``; a mask *feature* it cannot express (splash: a general mask
 or per-layer windows) falls back to xla_chunked with a logged warning. No path silently computes a different mask.
 
-**Hardware status**: ``xla_chunked`` and ``dot_product`` are tested equal to a float64 reference on CPU, and the
-splash kernel (values and gradients) in Pallas interpret mode on CPU (tests/test_attention_kernels.py); the ``cudnn`` path and the
-*compiled* splash kernel have not yet been run on a GPU / TPU (dispatch is tested with a faked platform).
+**Hardware status**: ``xla_chunked`` and ``dot_product`` are tested equal to a float64 reference on CPU, and so
+is the splash kernel (values and gradients) in Pallas interpret mode (tests/test_attention_kernels.py); the
+``cudnn`` path and the *compiled* splash kernel have not yet been run on a GPU / TPU (dispatch is tested with a
+faked platform; cudnn's ``jax.nn`` call is checked through jax's XLA implementation).
 
 KV-cache decoding keeps ``grouped_query_attention`` (``DecoderLM.decode``); only the cache-free forward dispatches.
 Shapes: ``b`` batch, ``t`` queries, ``s`` keys, ``h`` query heads, ``k`` kv heads, ``g`` = h / k, ``d`` head dim.
