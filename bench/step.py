@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-layer remat policy (training default: dots)")
     p.add_argument("--attention-chunk", type=int, default=None,
                    help="query-chunk length of attention (default: the model default, 512); 0 = dense attention")
+    p.add_argument("--attention-impl", default="auto",
+                   choices=("auto", "xla_chunked", "dot_product", "cudnn", "splash"),
+                   help="attention kernel of the forward (model.attention_impl; models/attention_kernels.py)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=512, help="fused-loss vocabulary chunk (tokens)")
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (a ShardingPlan, as the runner builds)")
@@ -249,7 +252,8 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     attention_chunk = DEFAULT_ATTENTION_CHUNK if args.attention_chunk is None else (args.attention_chunk or None)
     model = load_pretrained(args.model or DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
-                            attention_chunk=attention_chunk, num_layers=args.num_layers)
+                            attention_chunk=attention_chunk, attention_impl=args.attention_impl,
+                            num_layers=args.num_layers)
     load_s = time.perf_counter() - t0
     cfg = model.config
     log(args, f"loaded {args.model or DEFAULT_MODEL} ({cfg.num_hidden_layers} layers) in {load_s:.1f}s on "
@@ -343,6 +347,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         "lora_rank": args.lora_rank if get_method(args.method).uses_lora else None,
         "chunk_size": args.chunk_size,
         "attention_chunk": attention_chunk,
+        "attention_impl": args.attention_impl,
         "device_peak_bytes": device_peak_bytes,
         "mesh": dataclasses.asdict(mesh) if args.mesh else None,
         "platform": device.platform,
@@ -393,7 +398,8 @@ def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
     """The command line of one side of a comparison: this invocation's run options plus ``overrides``."""
     opts = {"method": args.method, "batch": args.batch, "seq": args.seq, "steps": args.steps, "model": args.model,
             "num_layers": args.num_layers, "dtype": args.dtype, "remat": args.remat,
-            "attention_chunk": args.attention_chunk, "lora_rank": args.lora_rank, "chunk_size": args.chunk_size,
+            "attention_chunk": args.attention_chunk, "attention_impl": args.attention_impl,
+            "lora_rank": args.lora_rank, "chunk_size": args.chunk_size,
             "seed": args.seed, "peak_n": args.peak_n, "torch_attn": args.torch_attn, "tag": args.tag,
             "impl": "jax", "out": "-"}
     opts.update(overrides)

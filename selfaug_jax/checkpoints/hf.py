@@ -109,6 +109,7 @@ def load_hf_model(
     remat_policy: str = "none",
     num_layers: int | None = None,
     attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
+    attention_impl: str = "auto",
 ) -> DecoderLM:
     """Load a Hugging Face model directory into a :class:`DecoderLM`.
 
@@ -119,6 +120,7 @@ def load_hf_model(
         remat_policy: per-layer rematerialisation policy (see ``selfaug_jax.models.decoder.REMAT_POLICIES``).
         num_layers: keep only the first ``num_layers`` decoder layers; the checkpoint's deeper layers are skipped.
         attention_chunk: query-chunk length of the attention kernel (``None``: unchunked); see ``DecoderLM``.
+        attention_impl: attention kernel of the training / evaluation forward; see ``DecoderLM``.
 
     Raises:
         CheckpointError: naming each missing, unexpected or wrongly shaped tensor (with both shapes).
@@ -143,6 +145,7 @@ def load_hf_model(
             param_dtype=param_dtype,
             remat_policy=remat_policy,
             attention_chunk=attention_chunk,
+            attention_impl=attention_impl,
             rngs=nnx.Rngs(0),
         )
     )

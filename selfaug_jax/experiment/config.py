@@ -41,6 +41,7 @@ from selfaug_jax.eval.suite import EvalConfig
 from selfaug_jax.feature_loss import FeatureLossConfig
 from selfaug_jax.lora import ALL_LINEAR_TARGETS
 from selfaug_jax.loss import SelfAugLossConfig
+from selfaug_jax.models.attention_kernels import ATTENTION_IMPLS
 from selfaug_jax.models.remat import REMAT_POLICIES
 from selfaug_jax.orth_loss import OrthConfig
 from selfaug_jax.train.optimizer import OptimizerConfig
@@ -80,6 +81,7 @@ PositiveFloat = Annotated[float, Range(gt=0)]
 Fraction = Annotated[float, Range(ge=0, lt=1)]
 DType = Literal["float32", "bfloat16"]
 RematPolicy = Literal[tuple(REMAT_POLICIES)]  # type: ignore[misc]  (the policy names as Literal arguments)
+AttentionImpl = Literal[ATTENTION_IMPLS]  # type: ignore[valid-type]
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 LoRATarget = Literal[ALL_LINEAR_TARGETS]  # type: ignore[valid-type]
 
@@ -96,6 +98,10 @@ class ModelSection:
     # Query-chunk length of attention: sequences longer than this never hold a [b, heads, t, t] float32 score
     # tensor (null: dense attention). Values are unchanged up to float rounding.
     attention_chunk: PositiveInt | None = 512
+    # Attention kernel of the training / evaluation forward (selfaug_jax/models/attention_kernels.py): auto (cuDNN
+    # flash attention on GPU, splash on TPU, xla_chunked on CPU) | xla_chunked | dot_product | cudnn | splash.
+    # cudnn and splash have not yet been run on hardware; KV-cache decoding always uses xla_chunked's kernel.
+    attention_impl: AttentionImpl = "auto"
 
 
 @dataclasses.dataclass

@@ -48,6 +48,7 @@ def load_model(cfg: ExperimentConfig, model_dir: Path):
         remat_policy=cfg.model.remat,
         num_layers=cfg.model.num_layers,
         attention_chunk=cfg.model.attention_chunk,
+        attention_impl=cfg.model.attention_impl,
     )
 
 

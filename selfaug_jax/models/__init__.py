@@ -48,6 +48,7 @@ def load_pretrained(
     remat_policy: str = "none",
     num_layers: int | None = None,
     attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
+    attention_impl: str = "auto",
 ) -> DecoderLM:
     """Load a model from an HF directory (``config.json`` + safetensors), a GGUF file or the default name.
 
@@ -60,6 +61,8 @@ def load_pretrained(
             debugging; the checkpoint's deeper layers are skipped).
         attention_chunk: query-chunk length of training / prefill attention; longer sequences are processed in
             chunks so no ``[b, heads, t, t]`` float32 score tensor is ever held whole. ``None``: unchunked.
+        attention_impl: attention kernel of the training / evaluation forward (``auto``, ``xla_chunked``,
+            ``dot_product``, ``cudnn``, ``splash``; see ``selfaug_jax/models/attention_kernels.py``).
     """
     from selfaug_jax.checkpoints.hf import load_hf_model
 
@@ -70,6 +73,7 @@ def load_pretrained(
         remat_policy=remat_policy,
         num_layers=num_layers,
         attention_chunk=attention_chunk,
+        attention_impl=attention_impl,
     )
 
 

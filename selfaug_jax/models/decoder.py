@@ -26,6 +26,7 @@ from selfaug_jax.models.attention import (
     rope_inv_freq,
     within_window,
 )
+from selfaug_jax.models.attention_kernels import ForwardMask, attend, check_attention_impl
 from selfaug_jax.models.config import ModelConfig
 from selfaug_jax.models.lora_matmul import effective_keep_scale, keep_mask_or_none, lora_update
 from selfaug_jax.models.remat import REMAT_POLICIES
@@ -148,9 +149,11 @@ class Attention(nnx.Module):
         param_dtype: Any,
         rngs: nnx.Rngs,
         attention_chunk: int | None = None,
+        attention_impl: str = "auto",
     ):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.attention_chunk = attention_chunk
+        self.attention_impl = attention_impl  # kernel of the cache-free forward (attention_kernels.py)
         h, k = cfg.num_attention_heads, cfg.num_key_value_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
@@ -204,7 +207,10 @@ class Attention(nnx.Module):
             new_cache = (k_lbskd, v_lbskd)
             k_btkd = jax.lax.dynamic_index_in_dim(k_lbskd, layer_index, axis=0, keepdims=False)
             v_btkd = jax.lax.dynamic_index_in_dim(v_lbskd, layer_index, axis=0, keepdims=False)
-        out_bthd = grouped_query_attention(q_bthd, k_btkd, v_btkd, mask_bts, self.attention_chunk)
+        if kv_cache is None:  # training / evaluation forward: the configured kernel (attention_kernels.attend)
+            out_bthd = attend(q_bthd, k_btkd, v_btkd, mask_bts, impl=self.attention_impl, q_chunk=self.attention_chunk)
+        else:
+            out_bthd = grouped_query_attention(q_bthd, k_btkd, v_btkd, mask_bts, self.attention_chunk)
         return self.o_proj(out_bthd.reshape(b, t, -1), rngs[3]), new_cache
 
 
@@ -238,10 +244,12 @@ class DecoderLayer(nnx.Module):
         param_dtype: Any,
         rngs: nnx.Rngs,
         attention_chunk: int | None = None,
+        attention_impl: str = "auto",
     ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = Attention(
-            cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_chunk=attention_chunk
+            cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_chunk=attention_chunk,
+            attention_impl=attention_impl,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -272,13 +280,14 @@ def stacked_layers(
     param_dtype: Any,
     rngs: nnx.Rngs,
     attention_chunk: int | None = None,
+    attention_impl: str = "auto",
 ) -> DecoderLayer:
     """A :class:`DecoderLayer` whose every parameter has a leading axis of ``cfg.num_hidden_layers`` layers.
 
     Each layer is initialised from its own key (``jax.vmap`` over the constructor); the module structure (graphdef)
     is that of a single layer, so ``nnx.merge(graphdef, state_slice)`` of one layer's slice is a plain layer.
     """
-    kw = dict(dtype=dtype, param_dtype=param_dtype, attention_chunk=attention_chunk)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, attention_chunk=attention_chunk, attention_impl=attention_impl)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0), **kw)))
     keys_l = jax.random.split(rngs.params(), cfg.num_hidden_layers)
     state_l = jax.vmap(lambda key: nnx.state(DecoderLayer(cfg, rngs=nnx.Rngs(params=key), **kw)))(keys_l)
@@ -302,6 +311,9 @@ class DecoderLM(nnx.Module):
             :func:`~selfaug_jax.models.attention.grouped_query_attention`): sequences longer than this never hold a
             float32 ``[b, heads, t, t]`` score tensor, which at long context dominates training memory. ``None``
             disables chunking.
+        attention_impl: kernel of the training / evaluation forward, one of
+            :data:`~selfaug_jax.models.attention_kernels.ATTENTION_IMPLS` ("auto": cuDNN flash attention on GPU,
+            splash on TPU, ``xla_chunked`` on CPU). KV-cache decoding always uses ``grouped_query_attention``.
         rngs: initialisation randomness (weights are normally overwritten by a checkpoint).
     """
 
@@ -313,21 +325,24 @@ class DecoderLM(nnx.Module):
         param_dtype: Any = jnp.float32,
         remat_policy: str = "none",
         attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
+        attention_impl: str = "auto",
         rngs: nnx.Rngs | None = None,
     ):
         if attention_chunk is not None and attention_chunk < 1:
             raise ValueError(f"attention_chunk must be a positive int or None, got {attention_chunk!r}")
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
+        check_attention_impl(attention_impl)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.attention_chunk = attention_chunk
+        self.attention_impl = attention_impl
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
         # All decoder layers as one module with stacked parameters ([L, ...]); run by a scan in _run_layers.
-        self.layers = stacked_layers(config, attention_chunk=attention_chunk, **kw)
+        self.layers = stacked_layers(config, attention_chunk=attention_chunk, attention_impl=attention_impl, **kw)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -467,6 +482,8 @@ class DecoderLM(nnx.Module):
 
         def layer_call(x_btd, layer_state, index, window, kv_cache, recorded=None):
             mask = mask_bts if window is None else mask_bts & within_window(q_index_bt, kv_index_bs, window)
+            if kv_cache is None:  # the cache-free forward: the mask in every kernel's form (attention_kernels.py)
+                mask = ForwardMask.from_mask_args(mask, mask_args, static_window, window is not None)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
             layer = nnx.merge(graphdef, layer_state)
             x_btd, kv_cache = layer(x_btd, cos_btd, sin_btd, mask, kv_cache, cache_index, index, rng, recorded)
