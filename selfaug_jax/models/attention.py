@@ -141,3 +141,58 @@ def _attention_block(
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskd.dtype)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts, v_bskd, preferred_element_type=jnp.float32)
     return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
+
+
+def cached_single_query_attention(
+    q_b1hd: jnp.ndarray,
+    k_new_b1kd: jnp.ndarray,
+    v_new_b1kd: jnp.ndarray,
+    k_lbskd: jnp.ndarray,
+    v_lbskd: jnp.ndarray,
+    layer_index: jnp.ndarray,
+    old_mask_b1s: jnp.ndarray,
+    new_mask_b1: jnp.ndarray,
+) -> jnp.ndarray:
+    """One decode step's attention (``t == 1``): the new token against the stacked cache *before* this step's write,
+    plus its own key / value. Returns ``[b, 1, h, d]`` in q's dtype.
+
+    Equals :func:`_attention_block` over the cache with the new key / value written at their slot (float32 scores,
+    softmax and accumulation; probabilities cast to the value dtype as there), but never reads what this step
+    writes, so the caller can write every layer's new entries into the cache with one in-place update after the
+    layer scan, and the scan reads the cache as a loop constant. The products are broadcast-multiply-reduce
+    fusions over the cache in its stored ``[b, s, kv, d]`` layout instead of batched dots: a dot would make XLA:CPU
+    copy the layer's slice out of the stack and transpose it (dot batch dimensions must lead) every layer and step
+    (bench/README.md, "Session 5 — decode step").
+
+    Args:
+        q_b1hd: the new token's queries (RoPE applied); ``h`` a multiple of the cache's ``kv`` heads.
+        k_new_b1kd, v_new_b1kd: the new token's key (RoPE applied) and value.
+        k_lbskd, v_lbskd: the stacked cache ``[L, b, s, kv, d]`` without this step's entries.
+        layer_index: int32 scalar, the layer whose slice to read.
+        old_mask_b1s: boolean ``[b, 1, s]``: True where the query may attend cache slot s (the slot being written
+            this step must be False: it holds no key yet).
+        new_mask_b1: boolean ``[b, 1]``: whether the query may attend its own key.
+    """
+    b, _, h, d = q_b1hd.shape
+    kv = k_lbskd.shape[3]
+    scale = 1.0 / math.sqrt(d)
+    f32 = jnp.float32
+    k_bskd = jax.lax.dynamic_index_in_dim(k_lbskd, layer_index, axis=0, keepdims=False)
+    v_bskd = jax.lax.dynamic_index_in_dim(v_lbskd, layer_index, axis=0, keepdims=False)
+    q_b1kgd = q_b1hd.reshape(b, 1, kv, h // kv, d).astype(k_bskd.dtype).astype(f32)
+    old_bskg = jnp.sum(k_bskd.astype(f32)[:, :, :, None, :] * q_b1kgd, axis=-1) * scale
+    old_bskg = jnp.where(old_mask_b1s[:, 0, :, None, None], old_bskg, _MASK_VALUE)
+    k_new = k_new_b1kd.astype(k_bskd.dtype).astype(f32)[:, :, :, None, :]
+    new_b1kg = jnp.sum(k_new * q_b1kgd, axis=-1) * scale
+    new_b1kg = jnp.where(new_mask_b1[:, :, None, None], new_b1kg, _MASK_VALUE)
+    # Softmax over the s cache slots and the new key together (max-subtracted, as jax.nn.softmax).
+    max_b1kg = jnp.maximum(jnp.max(old_bskg, axis=1, keepdims=True), new_b1kg)
+    exp_old_bskg = jnp.exp(old_bskg - max_b1kg)
+    exp_new_b1kg = jnp.exp(new_b1kg - max_b1kg)
+    inv_b1kg = 1.0 / (jnp.sum(exp_old_bskg, axis=1, keepdims=True) + exp_new_b1kg)
+    p_old_bskg = (exp_old_bskg * inv_b1kg).astype(v_bskd.dtype).astype(f32)
+    p_new_b1kg = (exp_new_b1kg * inv_b1kg).astype(v_bskd.dtype).astype(f32)
+    v_new = v_new_b1kd.astype(v_bskd.dtype).astype(f32)[:, :, :, None, :]
+    out_bkgd = jnp.sum(p_old_bskg[..., None] * v_bskd.astype(f32)[:, :, :, None, :], axis=1)
+    out_bkgd = out_bkgd + (p_new_b1kg[..., None] * v_new)[:, 0]
+    return out_bkgd.reshape(b, 1, h, d).astype(q_b1hd.dtype)
