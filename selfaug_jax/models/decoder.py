@@ -20,7 +20,6 @@ from flax import nnx
 
 from selfaug_jax.models.attention import (
     apply_rope,
-    cached_single_query_attention,
     grouped_query_attention,
     make_attention_mask,
     rope_cos_sin,
@@ -197,17 +196,6 @@ class Attention(nnx.Module):
         q_bthd = apply_rope(q_bthd, cos_btd, sin_btd)
         k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
         new_cache = None
-        if kv_cache is not None and t == 1:
-            # A decode step: attend to the cache as it was plus the new key / value, and hand the new entries back
-            # (in the cache dtype); DecoderLM._run_layers writes every layer's entries at once after the layer scan.
-            k_lbskd, v_lbskd = kv_cache
-            slot_s = jnp.arange(mask_bts.shape[-1], dtype=jnp.int32) == cache_index
-            new_b1 = jax.lax.dynamic_index_in_dim(mask_bts, cache_index, axis=2, keepdims=False)
-            k_btkd, v_btkd = k_btkd.astype(k_lbskd.dtype), v_btkd.astype(v_lbskd.dtype)
-            out_bthd = cached_single_query_attention(
-                q_bthd, k_btkd, v_btkd, k_lbskd, v_lbskd, layer_index, mask_bts & ~slot_s, new_b1
-            )
-            return self.o_proj(out_bthd.reshape(b, t, -1), rngs[3]), (k_btkd, v_btkd)
         if kv_cache is not None:
             k_lbskd, v_lbskd = kv_cache
             start = (layer_index, 0, cache_index, 0, 0)
@@ -485,15 +473,6 @@ class DecoderLM(nnx.Module):
             return constrain_activation(x_btd, "hidden_btd"), kv_cache
 
         x_btd = constrain_activation(x_btd, "hidden_btd")
-        if cache is not None and x_btd.shape[1] == 1:
-            # One decode step: the layers read the cache as a scan constant and emit their new key / value as ys
-            # ([L, b, 1, kv, hd]); one in-place update writes them all (bench/README.md, "Session 5 — decode step").
-            def step_body(x_btd, xs):
-                return layer_call(x_btd, *xs, cache)
-
-            x_btd, new_kv = jax.lax.scan(step_body, x_btd, xs)
-            start = (0, 0, cache_index, 0, 0)
-            return x_btd, tuple(jax.lax.dynamic_update_slice(c, n, start) for c, n in zip(cache, new_kv))
         if cache is not None:
             def decode_body(carry, xs):
                 x_btd, kv_cache = carry
