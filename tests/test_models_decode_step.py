@@ -10,19 +10,30 @@ import pytest
 from selfaug_jax.models import load_pretrained
 from selfaug_jax.models.decoder import default_positions
 from selfaug_jax.models.generation import left_pad
-from torch_reference import make_tiny_hf_model
+from torch_reference import TINY, make_tiny_hf_model
 
 
-@pytest.mark.parametrize("name,batch", [("llama3-untied", 2), ("mistral", 2), ("qwen3-qknorm", 2), ("llama3-untied", 1)])
+def _make_smollm_shaped(out_dir):
+    """A 2-layer random llama with SmolLM2-135M's attention shapes (9 heads, 3 KV heads, head dim 64)."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{**TINY, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3},
+                                   rope_theta=100000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().save_pretrained(out_dir)
+
+
+@pytest.mark.parametrize("name,batch", [("llama3-untied", 2), ("mistral", 2), ("qwen3-qknorm", 2), ("smollm-shaped", 1)])
 def test_decode_steps_match_full_forward(tmp_path, name, batch):
     """Prefill a left-padded prompt, then feed 7 known tokens one at a time: every step's logits and the final
-    cache equal the full forward (mistral: sliding window 8 is crossed; qwen3: q/k norms; batch 1: a degenerate
-    batch axis, which miscompiled a candidate decode kernel on XLA:CPU, see bench/README.md)."""
-    make_tiny_hf_model(name, tmp_path)
+    cache equal the full forward (mistral: sliding window 8 is crossed; qwen3: q/k norms; batch 1 with
+    SmolLM2's head shapes: a candidate decode kernel was miscompiled by XLA:CPU there, see bench/README.md)."""
+    _make_smollm_shaped(tmp_path) if name == "smollm-shaped" else make_tiny_hf_model(name, tmp_path)
     model = load_pretrained(tmp_path)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 128, 9).tolist(), rng.integers(1, 128, 4).tolist()][:batch]
-    ids_bt, mask_bt = left_pad(prompts, 0, bucket=12)  # left padding in every row
+    ids_bt, mask_bt = left_pad(prompts, 0, bucket=64)  # left padding in every row, generate's default bucket
     t, n = ids_bt.shape[1], 7
     follow_bn = rng.integers(1, 128, (batch, n)).astype(np.int32)
     full_ids = np.concatenate([ids_bt, follow_bn], 1)
