@@ -45,9 +45,11 @@ This project's readings, where SDFT is silent:
   chat template). Raw generations are cut at ``"\\n###"`` (the model starting a new template section); the
   cut also ends the row inside the generation loop (:mod:`selfaug_jax.models.stop_strings`: ``"\\n###"`` is two
   tokens in SmolLM2's vocabulary, so a stop on single tokens never fired and every raw row ran its whole budget).
-* ``max_new_tokens=64`` (SDFT: 512): the task's answers are a short span or a sentence or two (the shipped task's
-  training answers: at most ~40 tokens), so a faithful rewrite ends well within 64 tokens; a rewrite that hits the
-  budget is counted (``rewrites_truncated``) and, with ``keep_truncated`` (SDFT keeps them), still judged.
+* ``max_new_tokens=64`` (SDFT: 512): RAG answers are short spans (the shipped task's 2000 training answers: median
+  4, at most 9 SmolLM2 tokens), so a rewrite that restates the answer in a sentence ends well within 64 tokens
+  (measured at compare-cpu's sizes: 853 tokens for 24 rewrites, stop included); the rows that hit the budget are
+  ones that ramble on. They are counted (``rewrites_truncated``) and, with ``keep_truncated`` (SDFT keeps them),
+  still judged.
 
 Cost: the prompts are generated in length order (:func:`~selfaug_jax.data.transform_context.generate_by_length`:
 little padding, few compiled shapes) and the rewrites are cached on disk per (model weights, chat template,
