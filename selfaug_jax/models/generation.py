@@ -16,7 +16,8 @@ prompt lengths reuse one compilation), one ``model.decode`` call pre-fills the c
 ``jax.lax.while_loop`` feeds one token per step until every row has emitted an EOS / stop token or the
 ``max_new_tokens`` budget is spent. Prefill and loop are one jitted pure function of ``(graphdef, state)``; it is
 compiled once per (model structure, batch size, bucketed prompt length, max_new_tokens, sampling mode, stop ids,
-pad id) — temperature, top-p, top-k values and the seed are traced, so changing them does not recompile.
+pad id, stop-string table shape) — temperature, top-p, top-k values, the seed and the stop-string table's
+entries are traced, so changing them does not recompile.
 """
 
 from __future__ import annotations
