@@ -32,7 +32,10 @@ def smol():
 
 
 class Scripted:
-    """A stand-in for ``generate_completions``: returns the next scripted list per call and records the calls."""
+    """A stand-in for ``generate_completions``: returns the next scripted list per call and records the calls.
+
+    A scripted dict ``{substring: (text, finished)}`` answers each prompt by the key its decoded text contains
+    (the transforms generate in length order, so positions are not the examples' order)."""
 
     def __init__(self, *outputs):
         self.outputs, self.calls = list(outputs), []
@@ -41,6 +44,9 @@ class Scripted:
         self.calls.append(dict(prompts=[list(p) for p in prompt_ids], config=config, stop_strings=stop_strings,
                                stop_token_ids=tuple(stop_token_ids)))
         out = self.outputs.pop(0)
+        if isinstance(out, dict):
+            texts = [tokenizer.decode(list(p)) for p in prompt_ids]
+            out = [next(v for k, v in out.items() if k in t) for t in texts]
         assert len(out) == len(prompt_ids)
         return [Completion(t, f, 1) if isinstance(t, str) else t for t, f in out]
 
@@ -120,7 +126,8 @@ def test_magpie_mix_counts_ratio_and_cache(smol, tmp_path):
     model_dir, tok = smol
     task = _task(45)  # 45 task examples at 1:9 -> exactly 5 replay examples
     cfg = MagpieConfig(n=12, batch_size=4)
-    answers = [("Mount Kilimanjaro.", True), ("", True), ("Gears change the ratio.", False)]
+    answers = {"tallest mountain": ("Mount Kilimanjaro.", True), "three tips": ("", True),
+               "bicycle gear": ("Gears change the ratio.", False)}
     gen = Scripted(_magpie_script(12), answers)
     result = apply_transform("magpie", task, _ctx(tok, 45, gen, tmp_path, magpie=cfg))
 
@@ -132,9 +139,10 @@ def test_magpie_mix_counts_ratio_and_cache(smol, tmp_path):
     assert "\n" in instr_call["stop_strings"] and set(special_token_ids(tok)) <= set(instr_call["stop_token_ids"])
     # the answer call: greedy, the normal chat template with the generation prompt
     assert answer_call["config"].greedy
-    assert tok.decode(answer_call["prompts"][0]) == tok.apply_chat_template(
-        [{"role": "user", "content": "What is the tallest mountain in Africa?"}], add_generation_prompt=True,
-        tokenize=False)
+    assert tok.apply_chat_template([{"role": "user", "content": "What is the tallest mountain in Africa?"}],
+                                   add_generation_prompt=True, tokenize=False) in {
+        tok.decode(p) for p in answer_call["prompts"]}
+    assert [len(p) for p in answer_call["prompts"]] == sorted(len(p) for p in answer_call["prompts"])  # length order
 
     rep = result.report
     assert rep["generated"] == 12 and rep["instructions_kept"] == 3 and rep["pairs_kept"] == 2
@@ -232,12 +240,12 @@ def test_sdft_prompt_is_the_repos_template(smol):
 def test_sdft_keeps_original_on_failed_checks(smol, tmp_path):
     _, tok = smol
     examples = _rag()
-    rewrites = [("Bojei Works has 356 employees.", True),            # a: contains the gold -> used
-                ("The river is the Savrer River.", False),            # b: alias contained (truncated, kept) -> used
-                ("The documents do not mention the founder.", True),  # c: unanswerable + refusal -> used
-                ("It was built long ago.", True),                     # d: drops the answer -> original
-                ("As the reference answer says, Quoular.", True),     # e: leakage phrase -> original
-                ("Your turn: maroon", True)]                          # f: starts with "Your turn" -> original
+    rewrites = {"Bojei": ("Bojei Works has 356 employees.", True),                # a: contains the gold -> used
+                "Kojeigrim": ("The river is the Savrer River.", False),        # b: alias contained (truncated, kept)
+                "Jadriabrousk": ("The documents do not mention the founder.", True),  # c: unanswerable + refusal
+                "built": ("It was built long ago.", True),                     # d: drops the answer -> original
+                "Where is it": ("As the reference answer says, Quoular.", True),  # e: leakage phrase -> original
+                "colour": ("Your turn: maroon", True)}                         # f: starts with "Your turn"
     gen = Scripted(rewrites)
     result = apply_transform("sdft", examples, _ctx(tok, 6, gen, tmp_path))
     (call,) = gen.calls
@@ -261,3 +269,49 @@ def test_sdft_keeps_original_on_failed_checks(smol, tmp_path):
     greedy = Scripted(rewrites)
     apply_transform("sdft", examples, _ctx(tok, 6, greedy, tmp_path, sdft=SDFTConfig(greedy=True)))
     assert greedy.calls[0]["config"].greedy
+
+
+def test_generate_by_length_restores_input_order():
+    from selfaug_jax.data.transform_context import generate_by_length
+
+    seen = []
+
+    def echo(model, tokenizer, prompt_ids, config, *, stop_strings=(), stop_token_ids=(), batch_size=8):
+        seen.extend(list(p) for p in prompt_ids)
+        return [Completion(",".join(map(str, p)), True, len(p)) for p in prompt_ids]
+
+    prompts = [[5, 5, 5], [1], [7, 7], [2], [9, 9, 9, 9], [3, 3]]
+    ctx = TransformContext(model=None, tokenizer=None, model_id="m", prompt_config=PromptConfig(), n_task=0,
+                           options={}, generate=echo)
+    out = generate_by_length(ctx, prompts, None, batch_size=2)
+    assert [c.text for c in out] == [",".join(map(str, p)) for p in prompts]  # input order, exactly
+    assert seen == [[1], [2], [7, 7], [3, 3], [5, 5, 5], [9, 9, 9, 9]]  # by length, ties in input order
+
+
+def test_sdft_trained_documents_and_untrained_examples(smol, tmp_path):
+    """documents="trained": the rewrite prompt holds only the documents the length policy keeps; an example the
+    policy skips is not rewritten (counted); the cache then answers a second run; "all" shows every document."""
+    from selfaug_jax.data.prompts import tokenize_example
+
+    _, tok = smol
+    docs = tuple(Document(f"Document {k}: " + " ".join(f"w{k}x{j}" for j in range(40))) for k in range(3))
+    ex = RagExample(question="What is w0x1?", documents=docs, answer="w0x1", id="long")
+    full = len(tokenize_example(ex, tok, PromptConfig()).input_ids)
+    cfg = PromptConfig(max_length=full - 30)  # the last-ranked document no longer fits
+    too_long = RagExample(question="Why? " * (full // 2), documents=(Document("x"),), answer="w", id="skip")
+    gen = Scripted({"w0x1": ("It is w0x1.", True)})
+    ctx = dataclasses.replace(_ctx(tok, 1, gen, tmp_path), prompt_config=cfg)
+    result = apply_transform("sdft", [ex, too_long], ctx)
+    (call,) = gen.calls
+    (prompt,) = [tok.decode(p) for p in call["prompts"]]
+    assert "Document 0:" in prompt and "Document 1:" in prompt and "Document 2:" not in prompt
+    assert [e.target for e in result.examples] == ["It is w0x1.", "w"]
+    rep = result.report
+    assert (rep["rewritten"], rep["kept_original_by_reason"], rep["cache"]) == (1, {"not_trained": 1}, "miss")
+    assert apply_transform("sdft", [ex, too_long], dataclasses.replace(ctx, generate=_never)).examples == \
+        result.examples
+    every = Scripted({"w0x1": ("It is w0x1.", True), "Why?": ("w", True)})
+    apply_transform("sdft", [ex, too_long], dataclasses.replace(ctx, generate=every,
+                                                                  options={"sdft": SDFTConfig(documents="all")}))
+    assert len(every.calls[0]["prompts"]) == 2
+    assert any("Document 2:" in tok.decode(p) for p in every.calls[0]["prompts"])

@@ -177,8 +177,8 @@ class _OneCharTokenizer:
         return "".join("" if (i == 0 and skip_special_tokens) else ("\n" if i == 10 else chr(0x4E00 + i))
                        for i in ids)
 
-    def batch_decode(self, rows):
-        return [self.decode(r) for r in rows]
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return [self.decode(r, skip_special_tokens) for r in rows]
 
 
 def test_stop_strings_and_per_batch_seeds(llama):
@@ -200,6 +200,14 @@ def test_stop_strings_and_per_batch_seeds(llama):
         n = int(hits[0]) if hits.size else N
         assert c.text == tok.decode(row[:n].tolist()) and c.finished == bool(hits.size)
         assert c.num_tokens == (n + 1 if hits.size else N)
+    # a stop string of two tokens ends the row inside the loop (num_tokens), not only in the decoded text
+    pair = tok.decode([int(ref[0, 3]), int(ref[0, 4])])
+    split = generate_completions(llama, tok, PROMPTS, g, stop_strings=[pair], batch_size=3)
+    for row, c in zip(ref, split):
+        text = tok.decode(row.tolist())
+        n = text.find(pair)
+        assert c.text == (text[:n] if n >= 0 else text) and c.finished == (n >= 0)
+        assert c.num_tokens == (n + 2 if n >= 0 else N)
     # identical prompts in different batches get different samples; in one batch the rows differ too
     same = generate_completions(llama, tok, [PROMPTS[0]] * 4, cfg, batch_size=2)
     assert same[0].text != same[2].text and same[0].text != same[1].text

@@ -47,6 +47,7 @@ from selfaug_jax.data.transform_context import (
     TransformResult,
     cached_json,
     examples_fingerprint,
+    generate_by_length,
     template_fingerprint,
 )
 from selfaug_jax.eval.rag_metrics import normalize_answer
@@ -209,8 +210,8 @@ def _generate_pool(ctx: TransformContext, cfg: MagpieConfig, n: int) -> dict[str
                  + [{"role": "user", "content": c["text"]}] for c in kept]
         ids = [list(tok.encode(tok.apply_chat_template(ch, add_generation_prompt=True, tokenize=False),
                                add_special_tokens=False)) for ch in chats]
-        answers = gen(ctx.model, tok, ids, GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
-                      stop_token_ids=specials, batch_size=cfg.batch_size)
+        answers = generate_by_length(ctx, ids, GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
+                                     stop_token_ids=specials, batch_size=cfg.batch_size)
         responses = [{"text": a.text.strip(), "finished": a.finished} for a in answers]
     return {"candidates": candidates, "responses": responses,
             "cpu_seconds": {"instructions": round(t_instr, 2), "responses": round(time.process_time() - t0 - t_instr, 2)}}
@@ -223,7 +224,7 @@ def magpie_transform(examples: list[RagExample], ctx: TransformContext) -> Trans
     n_replay = replay_count(ctx.n_task, ratio)
     n = cfg.n if cfg.n is not None else max(32, 2 * n_replay)
     key = {"kind": "magpie", "model": ctx.model_id, "template": template_fingerprint(ctx.tokenizer),
-           "pre_query": pre_query_template(ctx.tokenizer, cfg.system), "n": n,
+           "pre_query": pre_query_template(ctx.tokenizer, cfg.system), "n": n, "batching": "by_length",
            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
               if f.name not in ("n", "ratio", "drop_truncated_responses")}}  # ratio and this: applied after the cache
     pool, cache = cached_json(ctx.cache_dir, "magpie", key, lambda: _generate_pool(ctx, cfg, n))

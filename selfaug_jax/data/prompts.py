@@ -398,6 +398,7 @@ class _Outcome:
     n_dropped: int
     n_cut: int
     skip_reason: Literal["too_long", "no_documents"] | None = None
+    chat: list[dict[str, str]] | None = None  # the rendered chat that was tokenized (None when skipped)
 
 
 def _fit_cut_document(enc: _Encoder, messages: Sequence[Message], kept: frozenset[DocKey], key: DocKey,
@@ -470,7 +471,8 @@ def _tokenize_one(example: RagExample, enc: _Encoder, ex_id: str) -> _Outcome:
         return build_chat(messages, cfg.documents_template, set(keep), cut)
 
     keep = frozenset(order)
-    best = enc.encode(chat_for(keep), answer, ex_id)
+    chosen_chat = chat_for(keep)
+    best = enc.encode(chosen_chat, answer, ex_id)
     cut_key = None
     max_len = cfg.max_length
     if max_len is not None and len(best[0]) > max_len:
@@ -506,7 +508,7 @@ def _tokenize_one(example: RagExample, enc: _Encoder, ex_id: str) -> _Outcome:
     meta.update(n_documents=n_docs, n_documents_kept=n_kept_docs, document_cut=cut_key is not None,
                 prompt_length=n_prompt)
     tex = TokenizedExample(id=ex_id, input_ids=np.asarray(ids, np.int32), labels=labels, meta=meta)
-    return _Outcome(tex, n_docs, n_docs - n_kept_docs, 1 if cut_key is not None else 0)
+    return _Outcome(tex, n_docs, n_docs - n_kept_docs, 1 if cut_key is not None else 0, chat=chosen_chat)
 
 
 def tokenize_example(example: RagExample, tokenizer: Any, config: PromptConfig | None = None, *,
@@ -515,6 +517,14 @@ def tokenize_example(example: RagExample, tokenizer: Any, config: PromptConfig |
     left with ``no_documents="skip"``)."""
     enc = _Encoder(tokenizer, config or PromptConfig())
     return _tokenize_one(example, enc, example.id if example.id is not None else default_id).example
+
+
+def trained_chat(example: RagExample, tokenizer: Any, config: PromptConfig | None = None
+                 ) -> list[dict[str, str]] | None:
+    """The ``[{"role", "content"}]`` chat that training tokenizes for ``example``: its documents rendered as the
+    length policy keeps (and cuts) them; ``None`` if the policy skips the example."""
+    enc = _Encoder(tokenizer, config or PromptConfig())
+    return _tokenize_one(example, enc, example.id if example.id is not None else "?").chat
 
 
 def tokenize_examples(examples: Iterable[RagExample], tokenizer: Any, config: PromptConfig | None = None,

@@ -94,6 +94,30 @@ def template_fingerprint(tokenizer: Any) -> str:
     return fingerprint(getattr(tokenizer, "chat_template", None) or "")
 
 
+def generate_by_length(ctx: TransformContext, prompt_ids: list[list[int]], config: Any, *,
+                       stop_strings: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
+                       batch_size: int) -> list[Any]:
+    """``ctx.generator()`` on the prompts sorted by length (stable), its completions returned in input order.
+
+    The generator cuts the prompts into fixed-size batches and left-pads each batch to its longest prompt (rounded
+    up to ``config.prompt_bucket``), so in input order a batch holding one long prompt pads every row to it: the
+    prefill computes the padding and every decode step attends over it. Sorted, each batch holds prompts of
+    similar lengths; the rounding keeps the number of distinct padded lengths (compiled shapes) small. Only
+    which prompts share a batch changes (so sampled outputs differ from input-order batching as another seed
+    would; greedy outputs are the same up to float rounding); each prompt's completion is returned at its
+    input position.
+    """
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    outs = ctx.generator()(ctx.model, ctx.tokenizer, [prompt_ids[i] for i in order], config,
+                           stop_strings=stop_strings, stop_token_ids=stop_token_ids, batch_size=batch_size)
+    if len(outs) != len(order):
+        raise ValueError(f"generator returned {len(outs)} completions for {len(order)} prompts")
+    restored: list[Any] = [None] * len(order)
+    for pos, i in enumerate(order):
+        restored[i] = outs[pos]
+    return restored
+
+
 def cached_json(cache_dir: Path | None, kind: str, key_obj: dict[str, Any],
                 compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """``compute()``'s JSON-able result, read from ``cache_dir/<kind>-<hash of key_obj>.json`` when present.

@@ -217,8 +217,14 @@ def transformed_sources(cfg: ExperimentConfig, tokenizer, model_dir: Path, base_
     todo = [n for n in dict.fromkeys(names) if n != "none"]
     if not todo:
         return out
+    from selfaug_jax.eval.base_cache import model_fingerprint
+
     examples = load_train_examples(cfg)
-    ctx = TransformContext(model=base_model, tokenizer=tokenizer, model_id=model_identity(cfg, model_dir),
+    # The files' identity and the loaded weights' bytes (the base evaluation cache's fingerprint, ~1 s): a model
+    # folder rewritten with same-sized weights is another key.
+    model_id = json.dumps({"files": json.loads(model_identity(cfg, model_dir)),
+                           "weights_sha256": model_fingerprint(base_model)}, sort_keys=True)
+    ctx = TransformContext(model=base_model, tokenizer=tokenizer, model_id=model_id,
                            prompt_config=prompt_config_of(cfg), n_task=n_task,
                            options={"magpie": cfg.magpie, "sdft": cfg.sdft}, cache_dir=cache_dir() / "transforms")
     for name in todo:

@@ -16,7 +16,8 @@ prompt lengths reuse one compilation), one ``model.decode`` call pre-fills the c
 ``jax.lax.while_loop`` feeds one token per step until every row has emitted an EOS / stop token or the
 ``max_new_tokens`` budget is spent. Prefill and loop are one jitted pure function of ``(graphdef, state)``; it is
 compiled once per (model structure, batch size, bucketed prompt length, max_new_tokens, sampling mode, stop ids,
-pad id) — temperature, top-p, top-k values and the seed are traced, so changing them does not recompile.
+pad id, stop-string table shape) — temperature, top-p, top-k values, the seed and the stop-string table's
+entries are traced, so changing them does not recompile.
 """
 
 from __future__ import annotations
@@ -190,13 +191,17 @@ def _generate_impl(
     temperature: jnp.ndarray,
     top_p: jnp.ndarray,
     top_k: jnp.ndarray,
+    stop_table_sv: jnp.ndarray | None = None,
     *,
     max_new_tokens: int,
     mode: tuple[bool, bool, bool],
     eos_ids: tuple[int, ...],
     pad_id: int,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """Prefill + ``while_loop`` decode. Returns ``(tokens_bn, lengths_b, stopped_b)``."""
+    """Prefill + ``while_loop`` decode. Returns ``(tokens_bn, lengths_b, stopped_b)``.
+
+    ``stop_table_sv``: optional stop-string automaton (:mod:`selfaug_jax.models.stop_strings`); a row whose state
+    reaches ``accept`` (= the table's row count) ends as on an EOS."""
     model = nnx.merge(graphdef, state)
     b, t = ids_bt.shape
     n = max_new_tokens
@@ -204,6 +209,13 @@ def _generate_impl(
 
     def is_eos(tok_b):
         return (tok_b[:, None] == eos_e[None, :]).any(-1) if eos_ids else jnp.zeros(tok_b.shape, bool)
+
+    def stop_step(sstate_b, tok_b):  # (next automaton state, whether a stop string ended)
+        if stop_table_sv is None:
+            return sstate_b, jnp.zeros(tok_b.shape, bool)
+        nxt_b = stop_table_sv[sstate_b, tok_b]
+        hit_b = nxt_b == stop_table_sv.shape[0]
+        return jnp.where(hit_b, 0, nxt_b), hit_b
 
     # Generated slots are marked valid up front: causality hides the ones not yet written.
     kv_valid_bs = jnp.concatenate([mask_bt, jnp.ones((b, n), jnp.int32)], axis=1)
@@ -213,16 +225,17 @@ def _generate_impl(
     )
     first_b = _next_token(logits_btv[:, -1], jax.random.fold_in(key, 0), temperature, top_p, top_k, mode)
     tokens_bn = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first_b)
-    done_b = is_eos(first_b)
+    sstate_b, hit_b = stop_step(jnp.zeros((b,), jnp.int32), first_b)
+    done_b = is_eos(first_b) | hit_b
     lengths_b = jnp.ones((b,), jnp.int32)
     pos_b = jnp.sum(mask_bt, axis=1).astype(jnp.int32)  # RoPE position of the first generated token
 
     def cond(carry):
-        i, _, done_b, _, _ = carry
+        i, _, done_b, _, _, _ = carry
         return (i < n) & ~jnp.all(done_b)
 
     def body(carry):
-        i, tokens_bn, done_b, lengths_b, cache = carry
+        i, tokens_bn, done_b, lengths_b, cache, sstate_b = carry
         prev_b1 = jax.lax.dynamic_slice_in_dim(tokens_bn, i - 1, 1, axis=1)
         pos_b1 = (pos_b + i - 1)[:, None]
         logits_b1v, cache = model.decode(prev_b1, pos_b1, kv_valid_bs, cache, t + i - 1)
@@ -230,11 +243,12 @@ def _generate_impl(
         tok_b = jnp.where(done_b, pad_id, tok_b)
         tokens_bn = jax.lax.dynamic_update_slice_in_dim(tokens_bn, tok_b[:, None], i, axis=1)
         lengths_b = jnp.where(done_b, lengths_b, i + 1)
-        done_b = done_b | is_eos(tok_b)
-        return i + 1, tokens_bn, done_b, lengths_b, cache
+        sstate_b, hit_b = stop_step(sstate_b, tok_b)
+        done_b = done_b | is_eos(tok_b) | hit_b
+        return i + 1, tokens_bn, done_b, lengths_b, cache, sstate_b
 
-    carry = (jnp.int32(1), tokens_bn, done_b, lengths_b, cache)
-    _, tokens_bn, done_b, lengths_b, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), tokens_bn, done_b, lengths_b, cache, sstate_b)
+    _, tokens_bn, done_b, lengths_b, _, _ = jax.lax.while_loop(cond, body, carry)
     return tokens_bn, lengths_b, done_b
 
 
@@ -274,6 +288,7 @@ def generate(
     config: GenerationConfig = GenerationConfig(),
     *,
     attention_mask: np.ndarray | None = None,
+    stop_table: np.ndarray | None = None,
 ) -> GenerationResult:
     """Generate up to ``config.max_new_tokens`` tokens for a batch of prompts (of any lengths).
 
@@ -282,6 +297,9 @@ def generate(
         prompt_ids: list of id lists, or an ``[b, t]`` array (see :func:`left_pad` for ``attention_mask``).
         config: decoding settings.
         attention_mask: ``[b, t]`` real-token mask for an array ``prompt_ids``.
+        stop_table: ``[states, vocab]`` stop-string automaton
+            (:func:`selfaug_jax.models.stop_strings.stop_string_table`): rows also end, as on an EOS, where a stop
+            string ends, even one split over several tokens.
     """
     eos_ids, pad_id = _resolve_ids(model, config)
     ids_bt, mask_bt = left_pad(prompt_ids, pad_id, attention_mask=attention_mask, bucket=config.prompt_bucket)
@@ -296,6 +314,7 @@ def generate(
         jnp.float32(config.temperature if config.temperature > 0 else 1.0),
         jnp.float32(config.top_p),
         jnp.int32(config.top_k or 0),
+        None if stop_table is None else jnp.asarray(stop_table, jnp.int32),
         max_new_tokens=config.max_new_tokens,
         mode=mode,
         eos_ids=eos_ids,
@@ -423,8 +442,9 @@ def generate_completions(
         prompt_ids: token id lists (the caller renders and tokenizes, e.g. a chat template's pre-query prefix).
         config: decoding settings; its stop ids (default: model + tokenizer EOS) are extended by
             ``stop_token_ids`` and by :func:`stop_string_token_ids` of ``stop_strings``.
-        stop_strings: the decoded text is cut before the first of these (and generation stops on tokens that
-            contain one).
+        stop_strings: the decoded text is cut before the first of these, and a row stops inside the loop as soon
+            as one is generated, also when it is split over several tokens
+            (:mod:`selfaug_jax.models.stop_strings`).
         stop_token_ids: extra ids that end a row (e.g. :func:`special_token_ids`).
         batch_size: rows per :func:`generate` call.
 
@@ -437,6 +457,9 @@ def generate_completions(
     stops = tuple(dict.fromkeys([*config.eos_token_ids, *map(int, stop_token_ids),
                                  *stop_string_token_ids(tokenizer, stop_strings)]))
     config = dataclasses.replace(config, eos_token_ids=stops)
+    from selfaug_jax.models.stop_strings import tokenizer_stop_table
+
+    table = tokenizer_stop_table(tokenizer, stop_strings, model.config.vocab_size) if stop_strings else None
     rows = [list(map(int, p)) for p in prompt_ids]
     out: list[Completion] = []
     for k, start in enumerate(range(0, len(rows), batch_size)):
@@ -444,7 +467,7 @@ def generate_completions(
         real = len(chunk)
         chunk = chunk + [chunk[0]] * (batch_size - real)
         seed = int(np.random.SeedSequence([config.seed, k]).generate_state(1)[0] & 0x7FFFFFFF)
-        result = generate(model, chunk, dataclasses.replace(config, seed=seed))
+        result = generate(model, chunk, dataclasses.replace(config, seed=seed), stop_table=table)
         for row, n, stopped in zip(result.tokens[:real], result.lengths[:real], result.stopped_on_eos[:real]):
             text, hit = truncate_at_stop(tokenizer.decode(row[:n].tolist(), skip_special_tokens=True), stop_strings)
             out.append(Completion(text=text, finished=bool(stopped) or hit, num_tokens=int(n)))
