@@ -229,3 +229,17 @@ def test_build_batches_row_index(tokenizer):
                                                                         max_length=64))
     assert [b["row_index_b"].tolist() for b in batches] == [[1, 0], [2, -1]] or \
         [b["row_index_b"].tolist() for b in batches] == [[1, 2], [0, -1]]
+
+
+def test_row_bucket_halves_while_the_rows_fit():
+    from selfaug_jax.eval.shift import row_bucket
+
+    assert [row_bucket(n, 32) for n in (1, 8, 9, 16, 17, 31, 32)] == [8, 8, 16, 16, 32, 32, 32]
+    assert row_bucket(3, 4) == 4 and row_bucket(5, 48) == 12 and row_bucket(13, 48) == 24
+
+
+def test_last_shift_batch_is_row_bucketed(tokenizer):
+    prompts = [f"Question number {i}?" for i in range(11)]
+    batches = build_shift_batches(tokenizer, prompts, None, ShiftConfig(batch_size=32, buckets=(64,), max_length=64))
+    assert [(b["n_rows"], b["input_ids_bt"].shape[0]) for b in batches] == [(11, 16)]
+    assert (batches[0]["row_index_b"][11:] == -1).all() and (batches[0]["region_bt"][11:] == 0).all()

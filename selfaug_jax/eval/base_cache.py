@@ -49,7 +49,7 @@ __all__ = ["EVAL_CACHE_VERSION", "BaseEvaluation", "default_cache_dir", "model_f
 
 logger = logging.getLogger(__name__)
 
-EVAL_CACHE_VERSION = 1
+EVAL_CACHE_VERSION = 2  # 2: last generation / shift batches padded to eval.shift.row_bucket rows
 """Bump whenever generation, scoring, the metrics or the samples layout change (invalidates every cached file)."""
 
 _NOT_IN_KEY = ("cache", "cache_dir", "lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit", "adapter_scales",

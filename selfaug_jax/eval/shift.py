@@ -21,8 +21,8 @@ fit is cut at its end, keeping one prompt token); both are counted (``n_truncate
 
 Hot path: jitted pure functions of ``(graphdef, state)`` pairs, one per model structure, compiled once per
 bucketed length (rows are right-padded to ``ShiftConfig.buckets``; the last batch is padded with dummy rows to
-``batch_size``): the final hidden states of each model, then the two LM heads applied per chunk of positions inside
-a ``lax.scan``, so at most ``[B, chunk, V]`` float32 logits exist at a time (``ShiftConfig.chunk_tokens``
+:func:`row_bucket` rows): the final hidden states of each model, then the two LM heads applied per chunk of
+positions inside a ``lax.scan``, so at most ``[B, chunk, V]`` float32 logits exist at a time (``ShiftConfig.chunk_tokens``
 positions per step). The original model's hidden states are kept in a :class:`ReferenceCache`, so measuring
 several fine-tuned models (or checkpoints) against one original runs the original's forward pass only once.
 
@@ -81,7 +81,7 @@ class ShiftConfig:
     """Batching of the shift measurement.
 
     Attributes:
-      batch_size: rows per forward pass (the last batch is padded with dummy rows, so one shape per bucket).
+      batch_size: rows per forward pass (the last batch is padded with dummy rows to :func:`row_bucket`'s size).
       buckets: padded lengths; a batch uses the smallest bucket holding its longest row. Buckets above
         ``max_length`` are ignored and ``max_length`` itself is always a bucket.
       max_length: longest row in tokens; longer examples lose prompt tokens from the left.
@@ -125,6 +125,19 @@ def end_of_turn_id(tokenizer: Any, token: str | None = None) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has neither <|im_end|> nor an EOS token; set ShiftConfig.end_of_turn_token")
     return int(tokenizer.eos_token_id)
+
+
+def row_bucket(n_rows: int, batch_size: int) -> int:
+    """Rows of a padded batch that holds ``n_rows`` real rows: ``batch_size``, halved while the half still holds them
+    and has at least 8 rows.
+
+    A last, short batch (e.g. 8 prompts at ``batch_size`` 32) then computes 8 rows instead of 32, for at most
+    ``log2(batch_size / 8)`` extra compiled shapes. Shared by the shift batches and the evaluation's generation.
+    """
+    rows = batch_size
+    while rows // 2 >= max(n_rows, 8):
+        rows //= 2
+    return rows
 
 
 def encode_prompt(tokenizer: Any, prompt: ChatPrompt) -> list[int]:
@@ -191,9 +204,10 @@ def build_shift_batches(tokenizer: Any, prompts: Sequence[ChatPrompt], responses
         idx = order[start:start + config.batch_size]
         longest = max(len(rows[i][0]) + len(rows[i][1]) for i in idx)
         length = next(b for b in buckets if b >= longest)
-        ids_bt = np.full((config.batch_size, length), pad_id, np.int32)
-        mask_bt = np.zeros((config.batch_size, length), np.int32)
-        region_bt = np.zeros((config.batch_size, length), np.int32)
+        n_rows = row_bucket(len(idx), config.batch_size)
+        ids_bt = np.full((n_rows, length), pad_id, np.int32)
+        mask_bt = np.zeros((n_rows, length), np.int32)
+        region_bt = np.zeros((n_rows, length), np.int32)
         mask_bt[len(idx):, 0] = 1  # dummy rows: one real token (no all-masked attention row), region 0
         for r, i in enumerate(idx):
             p_ids, r_ids, _ = rows[i]
@@ -202,7 +216,7 @@ def build_shift_batches(tokenizer: Any, prompts: Sequence[ChatPrompt], responses
             mask_bt[r, :n] = 1
             region_bt[r, :n_p] = REGION_INPUT
             region_bt[r, n_p:n] = REGION_RESPONSE
-        row_index_b = np.full((config.batch_size,), -1, np.int64)
+        row_index_b = np.full((n_rows,), -1, np.int64)
         row_index_b[:len(idx)] = idx
         batches.append(dict(input_ids_bt=ids_bt, attention_mask_bt=mask_bt, region_bt=region_bt, n_rows=len(idx),
                             n_truncated=sum(rows[i][2] for i in idx), row_index_b=row_index_b))

@@ -67,7 +67,7 @@ from selfaug_jax.eval.ifeval import evaluate_ifeval
 from selfaug_jax.eval.mc_readers import MCExample, load_mc_dataset
 from selfaug_jax.eval.multiple_choice import MCConfig, score_examples, summarize_scores
 from selfaug_jax.eval.rag_metrics import evaluate_rag, is_unanswerable
-from selfaug_jax.eval.shift import ShiftConfig, encode_prompt, measure_shift
+from selfaug_jax.eval.shift import ShiftConfig, encode_prompt, measure_shift, row_bucket
 from selfaug_jax.models.generation import GenerationConfig, generate
 
 __all__ = ["PARTS", "EvalConfig", "EvalData", "EXTRA_METRIC_INFO", "select_subset", "rag_record", "rag_chat",
@@ -411,7 +411,8 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens
     Prompts arrive sorted by token length (:func:`prepare_eval_data`), so each batch holds prompts of similar length;
     a batch is left-padded to the smallest of ``config.generation_buckets`` that fits its longest prompt (beyond
     them: a multiple of ``prompt_bucket``), so a whole run compiles the decode loop for a handful of shapes; the
-    decode loop of a batch stops as soon as all its rows have ended. The last batch is filled with copies of its first prompt to keep the shape.
+    decode loop of a batch stops as soon as all its rows have ended. The last batch of several is filled with
+    copies of its first prompt up to :func:`~selfaug_jax.eval.shift.row_bucket` rows (few shapes, little waste).
     Stop ids: the model's EOS ids plus the tokenizer's EOS (``<|im_end|>`` for ChatML models).
     """
     if not prompts:
@@ -429,7 +430,7 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Any], max_new_tokens
         chunk = encoded[start:start + bs]
         real = len(chunk)
         if len(encoded) > bs:
-            chunk = chunk + [chunk[0]] * (bs - real)
+            chunk = chunk + [chunk[0]] * (row_bucket(real, bs) - real)
         longest = max(len(p) for p in chunk)
         target = next((b for b in config.generation_buckets if b >= longest),
                       -(-longest // config.prompt_bucket) * config.prompt_bucket)
