@@ -1,11 +1,12 @@
 """selfaug_jax.experiment.progress: stage lines, ETA arithmetic, per-stage peak RSS."""
 
 import io
+import time
 
 import numpy as np
 import pytest
 
-from selfaug_jax.experiment.progress import StageTracker, format_seconds, memory_status, reset_peak_rss
+from selfaug_jax.experiment.progress import StageTracker, format_seconds, memory_status
 
 
 class FakeClock:
@@ -50,17 +51,17 @@ def test_unknown_stage_and_mismatched_kinds_are_rejected():
 
 
 def test_per_stage_peak_sees_an_allocation_and_resets_after_it():
-    if not reset_peak_rss():
-        pytest.skip("this kernel does not allow resetting VmHWM")
     tr = StageTracker(["big", "small"], stream=None)
     with tr.stage("big"):
         block = np.ones(300 * 1024 * 1024 // 8)  # 300 MB, touched
+        time.sleep(0.1)  # several sampling intervals
         del block
     with tr.stage("small"):
         pass
     big, small = tr.records()
-    assert big["peak_exact"] and small["peak_exact"]
     assert big["peak_rss_mb"] - small["peak_rss_mb"] > 250  # the second stage's peak no longer includes the block
+    # The process's own high-water mark is never reset (so /usr/bin/time -v still sees the true peak).
+    assert small["process_peak_rss_mb"] >= big["peak_rss_mb"] - 1
     assert memory_status()["peak_rss_mb"] >= memory_status()["rss_mb"] - 1
 
 

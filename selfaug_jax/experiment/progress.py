@@ -19,24 +19,27 @@ first) is expected to last as long as the mean of that kind; any other stage is 
 of the average time per unit so far (``DEFAULT_WEIGHTS``: rough relative costs on CPU). It is a guess, shown with
 "~", and is absent before the first stage has finished.
 
-Peak RSS per stage: Linux keeps the process's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``); at
-the start of a stage it is reset by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0), so the value read at
-the end is the peak *of that stage* (``peak_exact: true``). Where the reset is refused (or there is no ``/proc``),
-the record holds ``resource.getrusage``'s process-lifetime peak at the end of the stage (``peak_exact: false``).
+Peak RSS per stage: a daemon thread samples the resident set (``/proc/self/statm``) every ``sample_interval_s``
+(20 ms) while a stage runs and keeps the stage's maximum (``peak_rss_mb``; a spike shorter than the interval can be
+missed). The process's own high-water mark (``VmHWM``) is never reset -- resetting it (``clear_refs``) would also
+hide the true peak from ``/usr/bin/time -v`` and ``getrusage``, which read the same counter -- and each record also
+holds it (``process_peak_rss_mb``, the lifetime peak so far). Without ``/proc`` both fall back to ``getrusage``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["DEFAULT_WEIGHTS", "StageRecord", "StageTracker", "memory_status", "reset_peak_rss", "format_seconds"]
+__all__ = ["DEFAULT_WEIGHTS", "RssSampler", "StageRecord", "StageTracker", "memory_status", "format_seconds"]
 
 DEFAULT_WEIGHTS = {"data": 0.3, "eval": 2.0, "method": 4.0, "report": 0.1}
 """Relative expected durations per stage kind (before any stage of that kind has been measured)."""
@@ -57,13 +60,44 @@ def memory_status() -> dict[str, float]:
         return {"rss_mb": peak, "peak_rss_mb": peak}
 
 
-def reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark to the current RSS; False where the kernel does not allow it."""
+def _rss_mb() -> float:
+    """Current resident set in MB (``/proc/self/statm``; the ``getrusage`` lifetime peak where it is missing)."""
     try:
-        _CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class RssSampler:
+    """A daemon thread that keeps the maximum resident set seen since the last :meth:`restart`."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.max_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.max_mb = max(self.max_mb, _rss_mb())
+
+    def restart(self) -> None:
+        """Forget the maximum (it becomes the current RSS) and make sure the thread runs."""
+        self.max_mb = _rss_mb()
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> float:
+        """Stop the thread; returns the maximum including the current RSS."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.max_mb = max(self.max_mb, _rss_mb())
+        return self.max_mb
 
 
 def format_seconds(seconds: float) -> str:
@@ -78,14 +112,15 @@ def format_seconds(seconds: float) -> str:
 
 @dataclasses.dataclass
 class StageRecord:
-    """One finished stage: name, kind, wall seconds, peak and end RSS (MB), whether the peak is the stage's own."""
+    """One finished stage: name, kind, wall seconds, the stage's sampled peak RSS, RSS at its end, and the process's
+    lifetime peak so far (MB)."""
 
     stage: str
     kind: str
     wall_s: float
     peak_rss_mb: float
     rss_end_mb: float
-    peak_exact: bool
+    process_peak_rss_mb: float
 
 
 class StageTracker:
@@ -113,7 +148,8 @@ class StageTracker:
         self.clock = clock
         self.t0 = clock()
         self._done: list[StageRecord] = []
-        self._current: tuple[int, bool, float] | None = None  # (stage index, peak reset ok, start time)
+        self._current: tuple[int, float] | None = None  # (stage index, start time)
+        self._sampler = RssSampler()
 
     def _weight(self, kind: str) -> float:
         return float(self.weights.get(kind, 1.0))
@@ -149,21 +185,23 @@ class StageTracker:
         elapsed = self.clock() - self.t0
         self._line(f"[stage {i + 1}/{len(self.stages)}] {name} | elapsed {format_seconds(elapsed)}"
                    + (f" | ETA ~{format_seconds(eta)}" if eta is not None else ""))
-        self._current = (i, reset_peak_rss(), self.clock())
+        self._sampler.restart()
+        self._current = (i, self.clock())
 
     def end(self) -> None:
         """Finish the current stage: record its wall time and peak RSS (no-op when none is running)."""
         if self._current is None:
             return
-        i, exact, start = self._current
+        i, start = self._current
         self._current = None
+        peak = self._sampler.stop()
         mem = memory_status()
         wall = self.clock() - start
         name = self.stages[i]
-        self._done.append(StageRecord(name, self.kinds[i], round(wall, 2), round(mem["peak_rss_mb"], 1),
-                                      round(mem["rss_mb"], 1), exact))
+        self._done.append(StageRecord(name, self.kinds[i], round(wall, 2), round(peak, 1), round(mem["rss_mb"], 1),
+                                      round(mem["peak_rss_mb"], 1)))
         self._line(f"[stage {i + 1}/{len(self.stages)}] {name} done in {format_seconds(wall)} | "
-                   f"peak RSS {mem['peak_rss_mb'] / 1024:.2f} GB{'' if exact else ' (process peak)'}")
+                   f"peak RSS {peak / 1024:.2f} GB (process so far {mem['peak_rss_mb'] / 1024:.2f} GB)")
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
