@@ -34,7 +34,7 @@ def _run(tmp_path, monkeypatch, max_steps: int = 5):
     from selfaug_jax.experiment.config import build_config
     from selfaug_jax.models.decoder import DecoderLM
 
-    cfg = build_config("smoke", [f"train.max_steps={max_steps}", "train.checkpoint_every=3", "train.batch_size=2",
+    cfg = build_config("smoke", [f"train.max_steps={max_steps}", "train.checkpoint_every=3", "train.eval_every_steps=null", "train.batch_size=2",
                                  "train.export=false", "output.tensorboard=false", f"data.max_length={T}",
                                  f"data.buckets=[{T}]", "lora.rank=4"], check_paths=False)
     events: list[tuple[str, object]] = []
