@@ -33,6 +33,10 @@ ARMS: dict[str, str] = {
     "no-xnnpack": "--xla_cpu_use_xnnpack=false",
     "vector-512": "--xla_cpu_prefer_vector_width=512",
     "fast-compile": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
+    # Added in session 6 (jaxlib 0.10.2 lists them; not in the first A/B): the scheduler that orders independent
+    # thunks so that more of them can run at once, and the runtime-speed optimisation preset.
+    "concurrency-scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+    "fast-runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
 }
 
 
