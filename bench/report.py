@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from selfaug_jax.methods import METHOD_NAMES as METHODS, METHODS as METHOD_SPECS
 
@@ -157,6 +157,22 @@ def _verdict(value: float | None, target: float, at_most: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def _add_ceiling(add: Callable[..., None], method: str, torch_rec: dict[str, Any], target: float) -> None:
+    """The highest tokens/s ratio over PyTorch that the machine allows: ours at 100% of the measured peak.
+
+    Both sides' MFU use the same FLOP model and the same measured peak, so ``ratio = MFU_ours / MFU_torch`` and
+    the ratio can never exceed ``1 / MFU_torch``. When that bound is below the target, the target cannot be met on
+    this machine by any implementation of the same FLOPs.
+    """
+    mfu = torch_rec.get("mfu")
+    if not mfu:
+        return
+    bound = 1.0 / mfu
+    add(f"{method}: ratio ceiling at 100% MFU", bound,
+        f"{bound:.2f}x (PyTorch at {mfu:.1%} MFU of the same peak)", f">= {target}x needed",
+        "target reachable" if bound >= target else "**target above this machine's peak**")
+
+
 def acceptance_summary(results_dir: str | Path, tag: str) -> str:
     """Issue 16's acceptance figures from every record tagged ``tag`` in ``results_dir/*.jsonl`` (acceptance.sh)."""
     recs = [r for f in sorted(Path(results_dir).glob("*.jsonl")) for r in read_jsonl(f) if r.get("tag") == tag]
@@ -188,6 +204,7 @@ def acceptance_summary(results_dir: str | Path, tag: str) -> str:
             f"{sa['tokens_per_s_ratio']:.2f}x ({j['tokens_per_s']:.1f} vs {t['tokens_per_s']:.1f} tok/s; "
             f"{j['median_step_s']:.2f} vs {t['median_step_s']:.2f} s/step)", ">= 2.0x",
             _verdict(sa["tokens_per_s_ratio"], 2.0, False))
+        _add_ceiling(add, "selfaug", t, 2.0)
         add("MFU selfaug (this session's peak)", j["mfu"],
             f"{j['mfu']:.1%} of {j['peak_flops'] / 1e9:.0f} GFLOP/s (measured {j['peak_flops_date']})", ">= 55%",
             _verdict(j["mfu"], 0.55, False))
@@ -203,6 +220,7 @@ def acceptance_summary(results_dir: str | Path, tag: str) -> str:
         add("lora tok/s vs PyTorch", lo["tokens_per_s_ratio"],
             f"{lo['tokens_per_s_ratio']:.2f}x ({lo['jax']['tokens_per_s']:.1f} vs {lo['torch']['tokens_per_s']:.1f})",
             ">= 1.5x", _verdict(lo["tokens_per_s_ratio"], 1.5, False))
+        _add_ceiling(add, "lora", lo["torch"], 1.5)
     if dtypes:
         add("bf16 / fp32 tok/s (selfaug)", dtypes["tokens_per_s_ratio"],
             f"{dtypes['tokens_per_s_ratio']:.2f}x ({dtypes['bfloat16']['tokens_per_s']:.1f} vs "
