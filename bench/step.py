@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-impl", default="auto",
                    choices=("auto", "xla_chunked", "dot_product", "cudnn", "splash"),
                    help="attention kernel of the forward (model.attention_impl; models/attention_kernels.py)")
+    p.add_argument("--scan-unroll", type=int, default=None,
+                   help="layers per iteration of the layer scan (model.scan_unroll; default: the model default, 2)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=512, help="fused-loss vocabulary chunk (tokens)")
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (a ShardingPlan, as the runner builds)")
@@ -235,7 +237,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     mesh = parse_mesh(args.mesh, args.cpu_devices)
     from selfaug_jax.loss import SelfAugLossConfig
     from selfaug_jax.lora import LoRAConfig
-    from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK, DEFAULT_MODEL, load_pretrained
+    from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK, DEFAULT_MODEL, DEFAULT_SCAN_UNROLL, load_pretrained
     from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
     from selfaug_jax.train.sharding import ShardingPlan
     from selfaug_jax.train.state import init_train_state
@@ -253,7 +255,8 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     attention_chunk = DEFAULT_ATTENTION_CHUNK if args.attention_chunk is None else (args.attention_chunk or None)
     model = load_pretrained(args.model or DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
                             attention_chunk=attention_chunk, attention_impl=args.attention_impl,
-                            num_layers=args.num_layers)
+                            num_layers=args.num_layers,
+                            scan_unroll=DEFAULT_SCAN_UNROLL if args.scan_unroll is None else args.scan_unroll)
     load_s = time.perf_counter() - t0
     cfg = model.config
     log(args, f"loaded {args.model or DEFAULT_MODEL} ({cfg.num_hidden_layers} layers) in {load_s:.1f}s on "
@@ -348,6 +351,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         "attention_chunk": attention_chunk,
         "attention_impl": args.attention_impl,
+        "scan_unroll": model.scan_unroll,
         "device_peak_bytes": device_peak_bytes,
         "mesh": dataclasses.asdict(mesh) if args.mesh else None,
         "platform": device.platform,

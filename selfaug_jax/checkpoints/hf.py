@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from selfaug_jax.models.config import ModelConfig
-from selfaug_jax.models.decoder import DEFAULT_ATTENTION_CHUNK, DecoderLM
+from selfaug_jax.models.decoder import DEFAULT_ATTENTION_CHUNK, DEFAULT_SCAN_UNROLL, DecoderLM
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ def load_hf_model(
     num_layers: int | None = None,
     attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
     attention_impl: str = "auto",
+    scan_unroll: int = DEFAULT_SCAN_UNROLL,
 ) -> DecoderLM:
     """Load a Hugging Face model directory into a :class:`DecoderLM`.
 
@@ -121,6 +122,7 @@ def load_hf_model(
         num_layers: keep only the first ``num_layers`` decoder layers; the checkpoint's deeper layers are skipped.
         attention_chunk: query-chunk length of the attention kernel (``None``: unchunked); see ``DecoderLM``.
         attention_impl: attention kernel of the training / evaluation forward; see ``DecoderLM``.
+        scan_unroll: layers per iteration of the layer scan; see ``DecoderLM``.
 
     Raises:
         CheckpointError: naming each missing, unexpected or wrongly shaped tensor (with both shapes).
@@ -146,6 +148,7 @@ def load_hf_model(
             remat_policy=remat_policy,
             attention_chunk=attention_chunk,
             attention_impl=attention_impl,
+            scan_unroll=scan_unroll,
             rngs=nnx.Rngs(0),
         )
     )

@@ -102,6 +102,9 @@ class ModelSection:
     # flash attention on GPU, splash on TPU, xla_chunked on CPU) | xla_chunked | dot_product | cudnn | splash.
     # cudnn and splash have not yet been run on hardware; KV-cache decoding always uses xla_chunked's kernel.
     attention_impl: AttentionImpl = "auto"
+    # Layers per iteration of the layer scan (jax.lax.scan unroll): same values, more work per iteration for the
+    # compiler; 2 measured fastest on XLA:CPU (bench/README.md, session 6). Decoding always uses 1.
+    scan_unroll: PositiveInt = 2
 
 
 @dataclasses.dataclass

@@ -49,6 +49,7 @@ def load_model(cfg: ExperimentConfig, model_dir: Path):
         num_layers=cfg.model.num_layers,
         attention_chunk=cfg.model.attention_chunk,
         attention_impl=cfg.model.attention_impl,
+        scan_unroll=cfg.model.scan_unroll,
     )
 
 

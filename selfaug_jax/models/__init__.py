@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from selfaug_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
 from selfaug_jax.models.decoder import (
     DEFAULT_ATTENTION_CHUNK,
+    DEFAULT_SCAN_UNROLL,
     REMAT_POLICIES,
     DecoderLM,
     LoRAParam,
@@ -49,6 +50,7 @@ def load_pretrained(
     num_layers: int | None = None,
     attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
     attention_impl: str = "auto",
+    scan_unroll: int = DEFAULT_SCAN_UNROLL,
 ) -> DecoderLM:
     """Load a model from an HF directory (``config.json`` + safetensors), a GGUF file or the default name.
 
@@ -63,6 +65,7 @@ def load_pretrained(
             chunks so no ``[b, heads, t, t]`` float32 score tensor is ever held whole. ``None``: unchunked.
         attention_impl: attention kernel of the training / evaluation forward (``auto``, ``xla_chunked``,
             ``dot_product``, ``cudnn``, ``splash``; see ``selfaug_jax/models/attention_kernels.py``).
+        scan_unroll: layers per iteration of the training / evaluation layer scan (see ``DecoderLM``).
     """
     from selfaug_jax.checkpoints.hf import load_hf_model
 
@@ -74,6 +77,7 @@ def load_pretrained(
         num_layers=num_layers,
         attention_chunk=attention_chunk,
         attention_impl=attention_impl,
+        scan_unroll=scan_unroll,
     )
 
 
@@ -86,6 +90,7 @@ def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL):
 
 __all__ = [
     "DEFAULT_ATTENTION_CHUNK",
+    "DEFAULT_SCAN_UNROLL",
     "DEFAULT_MODEL",
     "DecoderLM",
     "LoRAParam",

@@ -36,6 +36,9 @@ from selfaug_jax.models.taps import LayerTaps, TapDict
 # holds a float32 [b, heads, t, t] score buffer per layer being computed (all layers' probabilities without remat);
 # chunks of 512 bound that by [b, heads, 512, t], which matters from a few thousand tokens on (bench/README.md).
 DEFAULT_ATTENTION_CHUNK = 512
+# Layers per iteration of the training / evaluation layer scan. 2 measured 8% faster than 1 (and 3 no faster than 1)
+# on the SmolLM2-135M selfaug step, 4 x 256, fp32, XLA:CPU, with identical losses (bench/README.md, session 6).
+DEFAULT_SCAN_UNROLL = 2
 
 # The KV cache of all layers: (k [L, b, s, kv_heads, head_dim], v [L, b, s, kv_heads, head_dim]).
 KVCache = tuple[jnp.ndarray, jnp.ndarray]
@@ -314,6 +317,9 @@ class DecoderLM(nnx.Module):
         attention_impl: kernel of the training / evaluation forward, one of
             :data:`~selfaug_jax.models.attention_kernels.ATTENTION_IMPLS` ("auto": cuDNN flash attention on GPU,
             splash on TPU, ``xla_chunked`` on CPU). KV-cache decoding always uses ``grouped_query_attention``.
+        scan_unroll: layers per iteration of the training / evaluation layer scan (``jax.lax.scan(unroll=...)``;
+            KV-cache decoding keeps 1). Values are identical for every setting; a larger unroll gives the
+            compiler more independent work per iteration at the cost of compile time (bench/README.md, session 6).
         rngs: initialisation randomness (weights are normally overwritten by a checkpoint).
     """
 
@@ -326,6 +332,7 @@ class DecoderLM(nnx.Module):
         remat_policy: str = "none",
         attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
         attention_impl: str = "auto",
+        scan_unroll: int = DEFAULT_SCAN_UNROLL,
         rngs: nnx.Rngs | None = None,
     ):
         if attention_chunk is not None and attention_chunk < 1:
@@ -333,12 +340,15 @@ class DecoderLM(nnx.Module):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
         check_attention_impl(attention_impl)
+        if not isinstance(scan_unroll, int) or isinstance(scan_unroll, bool) or scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be a positive int, got {scan_unroll!r}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.attention_chunk = attention_chunk
         self.attention_impl = attention_impl
+        self.scan_unroll = scan_unroll
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
         # All decoder layers as one module with stacked parameters ([L, ...]); run by a scan in _run_layers.
@@ -513,7 +523,11 @@ class DecoderLM(nnx.Module):
         if self.remat_policy != "none":
             # prevent_cse=False: the scan already keeps XLA from merging the recompute with the forward.
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x_btd, ys = jax.lax.scan(body, x_btd, xs)
+        # A scan unrolled over all its layers has no loop left, and XLA then fuses the policy's linearised forward
+        # differently from the reference's: the step-0 KL becomes ~1e-8 instead of exactly 0
+        # (tests/test_train_step.py). So a stack no deeper than the unroll runs as a plain loop.
+        unroll = self.scan_unroll if cfg.num_hidden_layers > self.scan_unroll else 1
+        x_btd, ys = jax.lax.scan(body, x_btd, xs, unroll=unroll)
         return x_btd, ys
 
 
