@@ -15,12 +15,14 @@ becomes data=2, fsdp=4; ``tpu-v5p-7b``'s data=4 becomes data=8): the per-device 
 ``preset_mesh``, ``mesh_note``).
 ``tpu-v5e-8`` ships a 0.5B model; its comment's 7B setting (mesh fsdp=8, 4K) is compiled as ``tpu-v5e-8-7b``.
 
-CPU caveat: this is XLA:CPU's buffer assignment of the SPMD-partitioned program, not TPU / GPU's. The CPU
-compiler may keep float32 copies of bf16 operands around dots and fuses differently, so temporaries can differ
-from an accelerator's; the argument bytes (weights, adapters, optimizer state, batch) are exact.
+CPU caveat: this is XLA:CPU's buffer assignment of the SPMD-partitioned program, not TPU / GPU's. XLA:CPU keeps
+a float32 copy of every stacked bf16 frozen weight for the whole step (``4·L·P_layer/S`` bytes of temporaries;
+not in the HLO it is given), all-gathers bf16 weights as float32 and fuses differently, so temporaries exceed an
+accelerator's (``docs/SCALING.md`` section 7 has the diagnosis); the argument bytes (weights, adapters, optimizer
+state, batch) are exact.
 
-``--num-layers N`` keeps the first N layers (the estimate uses the same N), to keep runs short while today's
-decoder unrolls its layers (compile time grows with depth); the full run is ``--abstract`` alone.
+``--num-layers N`` keeps the first N layers (the estimate uses the same N) and ``--seq T`` sets the length, for
+quick compiles; the full run is ``--abstract`` alone (about 1-2 min per preset with the scanned layers).
 """
 
 from __future__ import annotations
@@ -68,12 +70,16 @@ def scaled_mesh(mesh: dict[str, int], n_devices: int) -> tuple[dict[str, int], s
 
 
 def scaling_estimate_bytes(cfg: Any, *, per_device_batch: int, seq: int, rank: int, shards: int, tensor: int,
-                           loss_chunk: int, attention_chunk: int | None) -> float:
+                           loss_chunk: int, attention_chunk: int | None, global_batch: int | None = None) -> float:
     """docs/SCALING.md section 6, per chip, for remat + the fused loss + the built-in query-chunked attention.
 
-    ``per chip = 2P/S + [S>1]·2·(2·P_layer)/tensor + 16·lora(r) + b·(L·T·D·2 + T·act/tok/L / tensor)
+    ``per chip = 2P/S + [S>1]·2·(2·P_layer)/tensor + [fsdp>1]·2·D·V + 16·lora(r) + b·(L·T·D·2 + T·act/tok/L / tensor)
     + attn + logits + b·T·D·2`` with attn = ``b·H·C·T·4`` (one query chunk of fp32 scores; ``H·T²·4`` if
-    unchunked) and logits = ``4·C_loss·V·4``.
+    unchunked), logits = ``4·c·V·4`` and ``[fsdp>1]·2·D·V`` the LM head all-gathered for the loss (its ``D`` axis is
+    sharded over ``fsdp``; every chunk's matmul needs all of it). ``c`` = the loss chunk's tokens *per device*:
+    ``loss.chunk_size`` counts tokens of the global micro-batch (``selfaug_loss_from_hidden`` takes
+    ``ceil(chunk_size / B)`` positions of each of the ``B`` sequences), so ``c = ceil(loss_chunk / global_batch) · b``
+    when ``global_batch`` (sequences per micro-step, all devices) is given, else ``loss_chunk``.
     """
     d, f, v, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     h, k, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
@@ -83,8 +89,10 @@ def scaling_estimate_bytes(cfg: Any, *, per_device_batch: int, seq: int, rank: i
     act_per_token_layer = (5 * d + 2 * k * hd + 3 * f) * 2
     b, t = per_device_batch, seq
     attn = b * h * (attention_chunk or t) * t * 4
-    total = (2 * p_total / shards + (2 * 2 * p_layer / tensor if shards > 1 else 0) + 16 * lora
-             + b * (layers * t * d * 2 + t * act_per_token_layer / tensor) + attn + 4 * loss_chunk * v * 4
+    chunk_tokens = loss_chunk if global_batch is None else min(t, -(-loss_chunk // global_batch)) * b
+    gathered_head = 2 * d * v if shards > tensor else 0  # fsdp > 1
+    total = (2 * p_total / shards + (2 * 2 * p_layer / tensor if shards > 1 else 0) + gathered_head + 16 * lora
+             + b * (layers * t * d * 2 + t * act_per_token_layer / tensor) + attn + 4 * chunk_tokens * v * 4
              + b * t * d * 2)
     return float(total)
 
@@ -157,7 +165,8 @@ def compile_preset(name: str, num_layers: int | None, seq: int | None, log) -> d
     shards = mesh["fsdp"] * mesh["tensor"]
     estimate = scaling_estimate_bytes(model_cfg, per_device_batch=per_device_batch, seq=seq, rank=cfg.lora.rank,
                                       shards=shards, tensor=mesh["tensor"], loss_chunk=cfg.loss.chunk_size,
-                                      attention_chunk=cfg.model.attention_chunk)
+                                      attention_chunk=cfg.model.attention_chunk,
+                                      global_batch=global_batch // accum)
     log(f"{name}: lowered in {lower_s:.1f}s, compiled in {compile_s:.1f}s; per device: args "
         f"{memory.get('xla_argument_bytes', 0) / 1e9:.2f} GB, temp {memory.get('xla_temp_bytes', 0) / 1e9:.2f} GB, "
         f"total {total / 1e9:.2f} GB vs SCALING.md {estimate / 1e9:.2f} GB")

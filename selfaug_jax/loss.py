@@ -457,7 +457,12 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
                 (dlogits_btv,) = vjp_fn(jnp.ones((), dtype))
                 dh_c = None
                 if want_dh:
-                    dh_c = jnp.einsum("btv,dv->btd", dlogits_btv, w_dv, preferred_element_type=dtype).astype(h.dtype)
+                    # With a 16-bit head the chunk's dlogits are rounded to the head's dtype for this matmul
+                    # (float32 accumulation), as autograd does for a bf16 torch lm_head: multiplying float32 dlogits
+                    # would promote the whole [D, V] head to a float32 copy (2.2 GB at Qwen2.5-7B's D x V), which
+                    # XLA keeps live for the step (docs/SCALING.md section 7). Float32 / float64 heads: unchanged.
+                    dl_btv = dlogits_btv.astype(w_dv.dtype) if jnp.finfo(w_dv.dtype).bits < 32 else dlogits_btv
+                    dh_c = jnp.einsum("btv,dv->btd", dl_btv, w_dv, preferred_element_type=dtype).astype(h.dtype)
                 if want_dw:
                     dw_acc = dw_acc + jnp.einsum("btd,btv->dv", h_c, dlogits_btv, preferred_element_type=dtype)
                 return (ce_acc + ce_s, kl_acc + kl_s, dw_acc), dh_c

@@ -142,6 +142,13 @@ def test_scaling_estimate_matches_scaling_md_by_hand(step_bench):
     by_hand = (2 * 7_615_616_512 + 16 * 16 * 90_112 * 28 + 28 * 4096 * 3584 * 2 + 4096 * 151_552
                + 28 * 512 * 4096 * 4 + 4 * 512 * 152064 * 4 + 4096 * 3584 * 2)
     assert est == by_hand and round(est / 1e9, 1) == 18.8  # SCALING.md: 18.6 fused-attention + 0.23 chunk scores
+    # fsdp 4: + two gathered layers + the gathered LM head 2·D·V; the loss chunk is ceil(512 / 8) = 64 tokens/device
+    est_fsdp = abstract.scaling_estimate_bytes(cfg, per_device_batch=1, seq=4096, rank=16, shards=4, tensor=1,
+                                               loss_chunk=512, attention_chunk=512, global_batch=8)
+    by_hand_fsdp = (2 * 7_615_616_512 / 4 + 2 * 2 * 233_057_792 + 2 * 3584 * 152064 + 16 * 16 * 90_112 * 28
+                    + 28 * 4096 * 3584 * 2 + 4096 * 151_552 + 28 * 512 * 4096 * 4 + 4 * 64 * 152064 * 4
+                    + 4096 * 3584 * 2)
+    assert est_fsdp == by_hand_fsdp
     assert abstract.scaled_mesh({"data": 4, "fsdp": 4, "tensor": 1}, 8)[0] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert abstract.scaled_mesh({"data": 4, "fsdp": 1, "tensor": 1}, 8)[0] == {"data": 8, "fsdp": 1, "tensor": 1}
     assert abstract.scaled_mesh({"data": 8, "fsdp": 1, "tensor": 1}, 8)[1] == "as shipped"
