@@ -258,7 +258,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
                             num_layers=args.num_layers,
                             scan_unroll=DEFAULT_SCAN_UNROLL if args.scan_unroll is None else args.scan_unroll)
     load_s = time.perf_counter() - t0
-    cfg = model.config
+    cfg, scan_unroll = model.config, model.scan_unroll
     log(args, f"loaded {args.model or DEFAULT_MODEL} ({cfg.num_hidden_layers} layers) in {load_s:.1f}s on "
               f"{device.device_kind} ({jax.device_count()} dev), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
@@ -351,7 +351,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         "attention_chunk": attention_chunk,
         "attention_impl": args.attention_impl,
-        "scan_unroll": model.scan_unroll,
+        "scan_unroll": scan_unroll,
         "device_peak_bytes": device_peak_bytes,
         "mesh": dataclasses.asdict(mesh) if args.mesh else None,
         "platform": device.platform,
