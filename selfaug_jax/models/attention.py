@@ -111,6 +111,9 @@ def grouped_query_attention(
             one chunk's scores at a time instead of keeping every layer's ``[b, h, t, s]`` probabilities. Every row's
             softmax still sees all keys, so the result equals the unchunked one up to float rounding. ``t`` is padded
             up to a multiple of ``q_chunk`` (padding rows are computed and dropped).
+
+    Any mask; the KV-cache paths use this one. The cache-free forward's causal self-attention takes
+    :func:`causal_block_skipping_attention` (``attention_kernels.xla_chunked``), which skips the masked key blocks.
     """
     t = q_bthd.shape[1]
     if q_chunk is None or t <= q_chunk:
