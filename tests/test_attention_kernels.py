@@ -17,7 +17,7 @@ from flax import nnx
 
 from selfaug_jax.experiment.config import ConfigError, build_config
 from selfaug_jax.models import attention_kernels as ak
-from selfaug_jax.models.attention import make_attention_mask
+from selfaug_jax.models.attention import causal_block_skipping_attention, grouped_query_attention, make_attention_mask
 from selfaug_jax.models.config import ModelConfig
 from selfaug_jax.models.decoder import DecoderLM
 
@@ -37,6 +37,11 @@ def _case(kind: str, t: int = 12, d: int = D, seed: int = 0):
         segments = np.ones((B, t), np.int32)
         segments[0, t // 2:] = 2
         segments[1, -2:] = 0
+        valid = (segments > 0).astype(np.int32)
+    elif kind == "packed_long_pad":  # row 1: one example, then right padding over most of the row (several chunks)
+        segments = np.ones((B, t), np.int32)
+        segments[0, t // 3:] = 2
+        segments[1, t // 4:] = 0
         valid = (segments > 0).astype(np.int32)
     elif kind in ("window", "layer_window"):
         valid[1, :2] = 0
@@ -86,6 +91,62 @@ def test_dot_product_gradients_match_xla_chunked(kind):
     for a, b in zip(ours, ref):
         assert float(jnp.max(jnp.abs(b))) > 1e-2  # the weights reach every input
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+
+
+SKIP_KINDS = ["causal", "left_pad", "packed", "packed_long_pad", "window", "layer_window"]
+
+
+@pytest.mark.parametrize("kind", SKIP_KINDS)
+def test_causal_block_skipping_matches_float64_reference_on_every_row(kind):
+    """xla_chunked on a ForwardMask skips key blocks; t=40 in chunks of 16 (ragged last chunk). Every row matches,
+    the fully masked padding rows too (uniform over all keys, as the unskipped kernel and HF eager give them)."""
+    q, k, v, mask, rows = _case(kind, t=40)
+    out = np.asarray(jax.jit(functools.partial(ak.attend, impl="xla_chunked", q_chunk=16))(q, k, v, mask))
+    ref = _reference_f64(q, k, v, mask.dense_bts)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-6)
+    full = np.asarray(jax.jit(functools.partial(grouped_query_attention, q_chunk=16))(q, k, v, mask.dense_bts))
+    np.testing.assert_allclose(out, full, rtol=0, atol=2e-6)
+    assert (~np.asarray(mask.dense_bts).any(-1)).any() == (kind in ("left_pad", "packed", "packed_long_pad", "window",
+                                                                     "layer_window"))
+
+
+@pytest.mark.parametrize("kind", ["left_pad", "packed_long_pad", "window"])
+def test_causal_block_skipping_gradients_match_unskipped(kind):
+    """Gradients of all rows (padding rows included: the SelfAug KL reads them) equal the unskipped kernel's."""
+    q, k, v, mask, _ = _case(kind, t=40, seed=1)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape).astype(np.float32))
+
+    def grads(kernel):
+        loss = lambda q, k, v, m: jnp.sum(jnp.sin(kernel(q, k, v, m)) * w)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, mask.dense_bts)
+
+    ours = grads(functools.partial(causal_block_skipping_attention, q_chunk=16, window=mask.window))
+    ref = grads(functools.partial(grouped_query_attention, q_chunk=16))
+    for a, b in zip(ours, ref):
+        assert float(jnp.max(jnp.abs(b))) > 1e-1
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
+def test_causal_block_skipping_skips_the_blocks_above_the_diagonal():
+    """Compiled forward FLOPs against the unchunked kernel: (n + 1) / (2 n) of them with n = 8 chunks (9/16), and a
+    static window of one chunk leaves each chunk at most two key blocks (< 2/8). (The backward is not counted:
+    XLA's cost analysis counts a while loop's body once, and the checkpointed chunks recompute the forward.)"""
+    q, k, v, mask, _ = _case("causal", t=512, d=32)
+
+    def flops(q_chunk, window=None):
+        kernel = functools.partial(causal_block_skipping_attention, q_chunk=q_chunk, window=window)
+        cost = jax.jit(kernel).lower(q, k, v, mask.dense_bts).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+    full, skip, local = flops(None), flops(64), flops(64, window=64)
+    assert abs(skip / full - 9 / 16) < 0.03, (skip, full)
+    assert local / full < 0.25, (local, full)
+
+
+def test_causal_block_skipping_rejects_cross_attention():
+    q, k, v, mask, _ = _case("causal", t=12)
+    with pytest.raises(ValueError, match="query length 12 != key length 6"):
+        causal_block_skipping_attention(q, k[:, :6], v[:, :6], mask.dense_bts[:, :, :6], 4)
 
 
 @pytest.mark.parametrize("kind", ["left_pad", "packed", "window"])

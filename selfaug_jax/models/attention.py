@@ -111,6 +111,9 @@ def grouped_query_attention(
             one chunk's scores at a time instead of keeping every layer's ``[b, h, t, s]`` probabilities. Every row's
             softmax still sees all keys, so the result equals the unchunked one up to float rounding. ``t`` is padded
             up to a multiple of ``q_chunk`` (padding rows are computed and dropped).
+
+    Any mask; the KV-cache paths use this one. The cache-free forward's causal self-attention takes
+    :func:`causal_block_skipping_attention` (``attention_kernels.xla_chunked``), which skips the masked key blocks.
     """
     t = q_bthd.shape[1]
     if q_chunk is None or t <= q_chunk:
@@ -125,6 +128,76 @@ def grouped_query_attention(
         return _attention_block(q_bchd, k_bskd, v_bskd, m_bcs)
 
     return from_chunks(jax.lax.map(one_chunk, (q_nbchd, mask_nbcs)), t)
+
+
+def causal_block_skipping_attention(
+    q_bthd: jnp.ndarray,
+    k_bskd: jnp.ndarray,
+    v_bskd: jnp.ndarray,
+    mask_bts: jnp.ndarray,
+    q_chunk: int | None = None,
+    window: int | None = None,
+) -> jnp.ndarray:
+    """Query-chunked GQA for a *causal self-attention* mask that skips the key blocks no query of a chunk can see.
+
+    Precondition (the cache-free forward's :class:`~selfaug_jax.models.attention_kernels.ForwardMask`): ``t == s``,
+    query ``i`` and key ``i`` share the sequence index ``i``, and ``mask_bts`` contains causality
+    (``kv_index <= q_index``, :func:`make_attention_mask`) and, when ``window`` is given, that static sliding window
+    (``q - kv < window``). ``mask_bts`` may mask more (padding, packed segments, a traced per-layer window).
+
+    Chunk ``j`` holds queries ``[j c, e_j)`` with ``e_j = min((j + 1) c, t)``; it attends to keys ``[a_j, e_j)``,
+    ``a_j = max(0, j c - (window - 1))`` (``0`` without a window): every key at or after ``e_j`` is later than the
+    chunk's last query, every key before ``a_j`` lies outside the window of its first query, so both are masked on
+    every row of the chunk and dropping them changes no real row (their ``exp`` was exactly 0; only the float
+    summation order differs). With ``n = ceil(t / c)`` chunks and no window, the score / softmax / value work is
+    ``c^2 n (n + 1) / 2`` instead of ``c^2 n^2`` elements per head: ``(n + 1) / (2 n)`` of it, 53% at ``n = 16``
+    (t = 8192, c = 512); a window bounds it by ``c (c + window - 1)`` per chunk.
+
+    Chunks are a static Python loop (each slice has its own static shape), each under ``jax.checkpoint`` as in
+    :func:`grouped_query_attention`: the backward recomputes one chunk's ``[b, h, c, e_j - a_j]`` scores at a
+    time, so the float32 score memory stays bounded by one chunk.
+
+    Fully masked rows (padding queries with left padding, or packed batches' trailing padding, segment 0) would
+    otherwise differ: their softmax over the finite ``_MASK_VALUE`` is uniform over the keys it is given, i.e.
+    over ``[a_j, e_j)`` here but over all ``s`` keys in :func:`grouped_query_attention` (and HF's eager
+    attention). Those rows are *read*: the SelfAug KL aligns ``labels == -100`` positions, padding included by
+    default (``loss.include_padding``, as the released code), and a padding row's output mixes real tokens'
+    values. So a fully masked row's output is set to exactly what the unskipped kernel gives it, the mean of
+    ``v`` over all ``s`` keys (gradient ``1/s`` to every value, none to q / k, as there). Real queries always see
+    at least themselves, so every row equals the unskipped kernel's up to float summation order (for half
+    precision ``v``, the unskipped kernel rounds the ``1/s`` weights to ``v``'s dtype; the mean here is float32).
+
+    Args:
+        q_bthd, k_bskd, v_bskd: queries, keys, values (``h`` a multiple of ``k``; ``t == s``).
+        mask_bts: boolean ``[b, t, t]``, True where query t may attend key s (causal; see above).
+        q_chunk: query-chunk length ``c``; ``None`` or ``t <= c``: one dense block (nothing to skip).
+        window: the static sliding window contained in ``mask_bts``, or None.
+    """
+    t, s = q_bthd.shape[1], k_bskd.shape[1]
+    if t != s:
+        raise ValueError(f"causal_block_skipping_attention: query length {t} != key length {s} (self-attention only)")
+    if q_chunk is None or t <= q_chunk:
+        return _attention_block(q_bthd, k_bskd, v_bskd, mask_bts)
+
+    b, _, h, d = q_bthd.shape
+    k_heads = v_bskd.shape[2]
+    # A fully masked row's output in the unskipped kernel: uniform weights over all s keys.
+    uniform_b11hd = jnp.broadcast_to(
+        jnp.mean(v_bskd, axis=1, dtype=jnp.float32)[:, None, :, None, :], (b, 1, k_heads, h // k_heads, d)
+    ).reshape(b, 1, h, d).astype(q_bthd.dtype)
+
+    @jax.checkpoint
+    def one_chunk(q_bchd, k_bcsd, v_bcsd, m_bcs, uniform_b11hd):
+        out_bchd = _attention_block(q_bchd, k_bcsd, v_bcsd, m_bcs)
+        return jnp.where(jnp.any(m_bcs, axis=-1)[:, :, None, None], out_bchd, uniform_b11hd)
+
+    outs = []
+    for start in range(0, t, q_chunk):
+        end = min(start + q_chunk, t)
+        first = 0 if window is None else max(0, start - (window - 1))
+        sliced = (q_bthd[:, start:end], k_bskd[:, first:end], v_bskd[:, first:end], mask_bts[:, start:end, first:end])
+        outs.append(one_chunk(*sliced, uniform_b11hd))
+    return jnp.concatenate(outs, axis=1)
 
 
 def _attention_block(

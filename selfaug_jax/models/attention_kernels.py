@@ -3,7 +3,9 @@
 ``model.attention_impl`` (``DecoderLM(attention_impl=...)``) names the kernel:
 
 - ``"xla_chunked"``: :func:`~selfaug_jax.models.attention.grouped_query_attention`, this project's dense GQA einsum,
-  query-chunked by ``attention_chunk`` (the reference every other kernel is tested against; any mask).
+  query-chunked by ``attention_chunk`` (the reference every other kernel is tested against; any mask). For the
+  cache-free forward's causal mask it is ``causal_block_skipping_attention``: each query chunk attends only to the
+  keys up to its last query (about half the work at many chunks), with the same values on every row.
 - ``"dot_product"``: ``jax.nn.dot_product_attention(implementation="xla")`` with the dense boolean mask (any mask;
   unchunked, so it holds a float32 ``[b, heads, t, t]`` score tensor per layer).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN flash attention (GPU; bfloat16 /
@@ -42,7 +44,7 @@ import jax
 import jax.extend.backend
 import jax.numpy as jnp
 
-from selfaug_jax.models.attention import grouped_query_attention
+from selfaug_jax.models.attention import causal_block_skipping_attention, grouped_query_attention
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +116,12 @@ def check_attention_impl(impl: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- kernels
 def xla_chunked(q_bthd, k_bskd, v_bskd, mask, q_chunk: int | None = None) -> jax.Array:
-    """This project's GQA einsum, query-chunked (see ``grouped_query_attention``)."""
-    return grouped_query_attention(q_bthd, k_bskd, v_bskd, _dense(mask), q_chunk)
+    """This project's GQA einsum, query-chunked. A :class:`ForwardMask` (always causal, queries and keys sharing
+    the sequence index) takes ``causal_block_skipping_attention``, which skips the key blocks above the diagonal
+    (and left of a static window); a plain mask takes ``grouped_query_attention`` over all keys."""
+    if isinstance(mask, ForwardMask):
+        return causal_block_skipping_attention(q_bthd, k_bskd, v_bskd, mask.dense_bts, q_chunk, mask.window)
+    return grouped_query_attention(q_bthd, k_bskd, v_bskd, mask, q_chunk)
 
 
 def dot_product(q_bthd, k_bskd, v_bskd, mask, q_chunk: int | None = None) -> jax.Array:
