@@ -225,6 +225,11 @@ def acceptance_summary(results_dir: str | Path, tag: str) -> str:
         add("bf16 / fp32 tok/s (selfaug)", dtypes["tokens_per_s_ratio"],
             f"{dtypes['tokens_per_s_ratio']:.2f}x ({dtypes['bfloat16']['tokens_per_s']:.1f} vs "
             f"{dtypes['float32']['tokens_per_s']:.1f})", ">= 1.7x", _verdict(dtypes["tokens_per_s_ratio"], 1.7, False))
+        pk16, pk32 = dtypes["bfloat16"].get("peak_flops"), dtypes["float32"].get("peak_flops")
+        if pk16 and pk32:  # what the matmuls themselves allow: the measured 4096^2 matmul peaks of this machine
+            add("bf16 / fp32 matmul peak (4096^2, this machine)", pk16 / pk32,
+                f"{pk16 / pk32:.2f}x ({pk16 / 1e9:.0f} vs {pk32 / 1e9:.0f} GFLOP/s)", "> 1 for a bf16 speed-up",
+                "bf16 matmuls faster" if pk16 > 1.2 * pk32 else "**bf16 matmuls no faster here**")
         add(f"bf16 vs fp32 losses over {len(dtypes['loss_rel_diffs'])} steps", dtypes["loss_max_rel_diff"],
             f"max rel diff {dtypes['loss_max_rel_diff']:.2e}", f"<= {dtypes['loss_rtol']}",
             _verdict(dtypes["loss_max_rel_diff"], dtypes["loss_rtol"], True))
