@@ -96,22 +96,25 @@ def test_dot_product_gradients_match_xla_chunked(kind):
 SKIP_KINDS = ["causal", "left_pad", "packed", "packed_long_pad", "window", "layer_window"]
 
 
+@pytest.mark.parametrize("q_chunk", [16, 6])
 @pytest.mark.parametrize("kind", SKIP_KINDS)
-def test_causal_block_skipping_matches_float64_reference_on_every_row(kind):
+def test_causal_block_skipping_matches_float64_reference_on_every_row(kind, q_chunk):
     """xla_chunked on a ForwardMask skips key blocks; t=40 in chunks of 16 (ragged last chunk). Every row matches,
-    the fully masked padding rows too (uniform over all keys, as the unskipped kernel and HF eager give them)."""
+    the fully masked padding rows too (uniform over all keys, as the unskipped kernel and HF eager give them).
+    q_chunk=6: 7 chunks in 4 groups, three of them mapping over two chunks (the last with the ragged chunk)."""
     q, k, v, mask, rows = _case(kind, t=40)
-    out = np.asarray(jax.jit(functools.partial(ak.attend, impl="xla_chunked", q_chunk=16))(q, k, v, mask))
+    out = np.asarray(jax.jit(functools.partial(ak.attend, impl="xla_chunked", q_chunk=q_chunk))(q, k, v, mask))
     ref = _reference_f64(q, k, v, mask.dense_bts)
     np.testing.assert_allclose(out, ref, rtol=0, atol=3e-6)
-    full = np.asarray(jax.jit(functools.partial(grouped_query_attention, q_chunk=16))(q, k, v, mask.dense_bts))
+    full = np.asarray(jax.jit(functools.partial(grouped_query_attention, q_chunk=q_chunk))(q, k, v, mask.dense_bts))
     np.testing.assert_allclose(out, full, rtol=0, atol=2e-6)
     assert (~np.asarray(mask.dense_bts).any(-1)).any() == (kind in ("left_pad", "packed", "packed_long_pad", "window",
                                                                      "layer_window"))
 
 
+@pytest.mark.parametrize("q_chunk", [16, 6])
 @pytest.mark.parametrize("kind", ["left_pad", "packed_long_pad", "window"])
-def test_causal_block_skipping_gradients_match_unskipped(kind):
+def test_causal_block_skipping_gradients_match_unskipped(kind, q_chunk):
     """Gradients of all rows (padding rows included: the SelfAug KL reads them) equal the unskipped kernel's."""
     q, k, v, mask, _ = _case(kind, t=40, seed=1)
     w = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape).astype(np.float32))
@@ -120,27 +123,30 @@ def test_causal_block_skipping_gradients_match_unskipped(kind):
         loss = lambda q, k, v, m: jnp.sum(jnp.sin(kernel(q, k, v, m)) * w)  # noqa: E731
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, mask.dense_bts)
 
-    ours = grads(functools.partial(causal_block_skipping_attention, q_chunk=16, window=mask.window))
-    ref = grads(functools.partial(grouped_query_attention, q_chunk=16))
+    ours = grads(functools.partial(causal_block_skipping_attention, q_chunk=q_chunk, window=mask.window))
+    ref = grads(functools.partial(grouped_query_attention, q_chunk=q_chunk))
     for a, b in zip(ours, ref):
         assert float(jnp.max(jnp.abs(b))) > 1e-1
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
 
 
 def test_causal_block_skipping_skips_the_blocks_above_the_diagonal():
-    """Compiled forward FLOPs against the unchunked kernel: (n + 1) / (2 n) of them with n = 8 chunks (9/16), and a
-    static window of one chunk leaves each chunk at most two key blocks (< 2/8). (The backward is not counted:
-    XLA's cost analysis counts a while loop's body once, and the checkpointed chunks recompute the forward.)"""
+    """Compiled forward FLOPs against the unchunked kernel, n = 8 chunks of 64 (64 chunk-by-key blocks in all).
+    One chunk per group: (n + 1) / (2 n) = 36/64 of them. The default 4 groups of 2 chunks attend to 2, 4, 6, 8 key
+    blocks; XLA's cost analysis counts each group's lax.map body once, so it sees 2 + 4 + 6 + 8 = 20 of 64 (the
+    work done is twice that, 40/64 = (G + 1) / (2 G)). A static window of one chunk leaves each chunk at most two
+    key blocks (< 1/4). (The backward is not counted: checkpointed chunks recompute the forward.)"""
     q, k, v, mask, _ = _case("causal", t=512, d=32)
 
-    def flops(q_chunk, window=None):
-        kernel = functools.partial(causal_block_skipping_attention, q_chunk=q_chunk, window=window)
+    def flops(q_chunk, window=None, groups=None):
+        kernel = functools.partial(causal_block_skipping_attention, q_chunk=q_chunk, window=window, groups=groups)
         cost = jax.jit(kernel).lower(q, k, v, mask.dense_bts).compile().cost_analysis()
         return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
-    full, skip, local = flops(None), flops(64), flops(64, window=64)
-    assert abs(skip / full - 9 / 16) < 0.03, (skip, full)
-    assert local / full < 0.25, (local, full)
+    full, per_chunk, grouped = flops(None), flops(64, groups=8), flops(64)
+    assert abs(per_chunk / full - 36 / 64) < 0.03, (per_chunk, full)
+    assert abs(grouped / full - 20 / 64) < 0.03, (grouped, full)
+    assert flops(64, window=64, groups=8) / full < 0.25
 
 
 def test_causal_block_skipping_rejects_cross_attention():

@@ -130,6 +130,10 @@ def grouped_query_attention(
     return from_chunks(jax.lax.map(one_chunk, (q_nbchd, mask_nbcs)), t)
 
 
+# Chunk groups of causal_block_skipping_attention: each group is one lax.map (one chunk's scores live at a time).
+SKIP_GROUPS = 4
+
+
 def causal_block_skipping_attention(
     q_bthd: jnp.ndarray,
     k_bskd: jnp.ndarray,
@@ -137,6 +141,7 @@ def causal_block_skipping_attention(
     mask_bts: jnp.ndarray,
     q_chunk: int | None = None,
     window: int | None = None,
+    groups: int | None = None,
 ) -> jnp.ndarray:
     """Query-chunked GQA for a *causal self-attention* mask that skips the key blocks no query of a chunk can see.
 
@@ -145,7 +150,7 @@ def causal_block_skipping_attention(
     (``kv_index <= q_index``, :func:`make_attention_mask`) and, when ``window`` is given, that static sliding window
     (``q - kv < window``). ``mask_bts`` may mask more (padding, packed segments, a traced per-layer window).
 
-    Chunk ``j`` holds queries ``[j c, e_j)`` with ``e_j = min((j + 1) c, t)``; it attends to keys ``[a_j, e_j)``,
+    Chunk ``j`` holds queries ``[j c, e_j)`` with ``e_j = min((j + 1) c, t)``; it needs only keys ``[a_j, e_j)``,
     ``a_j = max(0, j c - (window - 1))`` (``0`` without a window): every key at or after ``e_j`` is later than the
     chunk's last query, every key before ``a_j`` lies outside the window of its first query, so both are masked on
     every row of the chunk and dropping them changes no real row (their ``exp`` was exactly 0; only the float
@@ -153,9 +158,13 @@ def causal_block_skipping_attention(
     ``c^2 n (n + 1) / 2`` instead of ``c^2 n^2`` elements per head: ``(n + 1) / (2 n)`` of it, 53% at ``n = 16``
     (t = 8192, c = 512); a window bounds it by ``c (c + window - 1)`` per chunk.
 
-    Chunks are a static Python loop (each slice has its own static shape), each under ``jax.checkpoint`` as in
-    :func:`grouped_query_attention`: the backward recomputes one chunk's ``[b, h, c, e_j - a_j]`` scores at a
-    time, so the float32 score memory stays bounded by one chunk.
+    The chunks are split into ``groups`` (default :data:`SKIP_GROUPS`) contiguous groups; a group attends to the
+    key range of its *last* chunk, and runs its chunks one at a time in a ``lax.map`` (each under
+    ``jax.checkpoint``), so the backward recomputes one chunk's ``[b, h, c, keys]`` scores at a time per group. The
+    work is then ``(G + 1) / (2 G)`` of the unskipped kernel's for ``G`` equal groups (62.5% at 4). One group per
+    chunk (a static loop of ``n`` slices) would do ``(n + 1) / (2 n)``, but nothing orders its chunks, and XLA:CPU
+    kept every chunk's scores live at once: 14.6 GB of XLA temporaries at 1 x 8192 on SmolLM2 against 11.1 GB
+    unskipped (bench/README.md, session 6).
 
     Fully masked rows (padding queries with left padding, or packed batches' trailing padding, segment 0) would
     otherwise differ: their softmax over the finite ``_MASK_VALUE`` is uniform over the keys it is given, i.e.
@@ -172,7 +181,9 @@ def causal_block_skipping_attention(
         mask_bts: boolean ``[b, t, t]``, True where query t may attend key s (causal; see above).
         q_chunk: query-chunk length ``c``; ``None`` or ``t <= c``: one dense block (nothing to skip).
         window: the static sliding window contained in ``mask_bts``, or None.
+        groups: number of chunk groups ``G`` (default :data:`SKIP_GROUPS`); ``groups >= n`` is one chunk per group.
     """
+    groups = SKIP_GROUPS if groups is None else groups
     t, s = q_bthd.shape[1], k_bskd.shape[1]
     if t != s:
         raise ValueError(f"causal_block_skipping_attention: query length {t} != key length {s} (self-attention only)")
@@ -186,17 +197,24 @@ def causal_block_skipping_attention(
         jnp.mean(v_bskd, axis=1, dtype=jnp.float32)[:, None, :, None, :], (b, 1, k_heads, h // k_heads, d)
     ).reshape(b, 1, h, d).astype(q_bthd.dtype)
 
-    @jax.checkpoint
-    def one_chunk(q_bchd, k_bcsd, v_bcsd, m_bcs, uniform_b11hd):
-        out_bchd = _attention_block(q_bchd, k_bcsd, v_bcsd, m_bcs)
-        return jnp.where(jnp.any(m_bcs, axis=-1)[:, :, None, None], out_bchd, uniform_b11hd)
-
+    n = -(-t // q_chunk)
+    n_groups = max(1, min(groups, n))
     outs = []
-    for start in range(0, t, q_chunk):
-        end = min(start + q_chunk, t)
+    for g in range(n_groups):
+        lo, hi = g * n // n_groups, (g + 1) * n // n_groups  # chunk indices [lo, hi) of this group
+        start, end = lo * q_chunk, min(hi * q_chunk, t)
         first = 0 if window is None else max(0, start - (window - 1))
-        sliced = (q_bthd[:, start:end], k_bskd[:, first:end], v_bskd[:, first:end], mask_bts[:, start:end, first:end])
-        outs.append(one_chunk(*sliced, uniform_b11hd))
+        k_g, v_g = k_bskd[:, first:end], v_bskd[:, first:end]
+
+        @jax.checkpoint
+        def one_chunk(args, k_g=k_g, v_g=v_g):
+            q_bchd, m_bcs = args
+            out_bchd = _attention_block(q_bchd, k_g, v_g, m_bcs)
+            return jnp.where(jnp.any(m_bcs, axis=-1)[:, :, None, None], out_bchd, uniform_b11hd)
+
+        q_mbchd = to_chunks(q_bthd[:, start:end], q_chunk)
+        m_mbcs = to_chunks(mask_bts[:, start:end, first:end], q_chunk, False)  # padded query rows: fully masked
+        outs.append(from_chunks(jax.lax.map(one_chunk, (q_mbchd, m_mbcs)), end - start))
     return jnp.concatenate(outs, axis=1)
 
 
