@@ -90,6 +90,8 @@ __all__ = [
 Direction = Literal["forward", "reverse", "jsd"]
 Align = Literal["prompt", "prompt_without_padding", "all", "response"]
 GradMode = Literal["precompute", "remat"]
+HeadLayout = Literal["dv", "vd"]
+HEAD_LAYOUTS: tuple[str, ...] = ("dv", "vd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +323,7 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
                              attention_mask_bt: jax.Array | None = None,
                              num_target_tokens: jax.Array | int | None = None,
                              num_aligned_tokens: jax.Array | int | None = None,
+                             head_layout: HeadLayout = "dv",
                              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Memory-efficient SelfAug loss from final hidden states; same values/gradients as :func:`selfaug_loss`.
 
@@ -347,6 +350,11 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
       num_target_tokens, num_aligned_tokens: optional denominators for the CE / KL sums instead of this batch's own
         counts -- e.g. the counts of a whole accumulated batch (:func:`token_counts`), so that summing the
         micro-batch losses gives the big-batch loss. ``aux`` then holds the partial (micro-batch) terms.
+      head_layout: ``"dv"`` (default): both heads are ``[D, V]``; ``"vd"``: both are ``[V, D]``, e.g. a tied
+        embedding table passed as stored (``DecoderLM.lm_head_layout``). The chunk loop's matmuls then contract the
+        table's own axis: a ``[D, V]`` view made by transposing outside the loop is a loop operand that XLA:CPU
+        materialises as a transposed copy for the whole step (113 MB for SmolLM2's fp32 table; bench/README.md,
+        session 6). Values are the same; the head gradient comes back in the head's layout.
 
     Returns:
       ``(total, aux)`` exactly as :func:`selfaug_loss`. Gradients flow to ``hidden_btd`` and ``lm_head_dv`` only.
@@ -366,13 +374,17 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
         raise ValueError(f"{where}: ref_hidden_btd shape {ref_hidden_btd.shape} != hidden_btd shape "
                          f"{hidden_btd.shape}")
     b, t, d = hidden_btd.shape
+    if head_layout not in HEAD_LAYOUTS:
+        raise ValueError(f"{where}: head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
+    d_axis = head_layout.index("d")
     heads = (lm_head_dv,) if ref_lm_head_dv is None else (lm_head_dv, ref_lm_head_dv)
     for name, w in zip(("lm_head_dv", "ref_lm_head_dv"), heads):
-        if getattr(w, "ndim", None) != 2 or w.shape[0] != d:
-            raise ValueError(f"{where}: {name} must have shape [D={d}, V]; got {getattr(w, 'shape', None)}")
+        if getattr(w, "ndim", None) != 2 or w.shape[d_axis] != d:
+            want = f"[D={d}, V]" if head_layout == "dv" else f"[V, D={d}] (head_layout='vd')"
+            raise ValueError(f"{where}: {name} must have shape {want}; got {getattr(w, 'shape', None)}")
         if not jnp.issubdtype(w.dtype, jnp.floating):
             raise TypeError(f"{where}: {name} must be a floating array, got dtype {w.dtype}")
-    vocab = lm_head_dv.shape[1]
+    vocab = lm_head_dv.shape[1 - d_axis]
     if len(heads) == 2 and ref_lm_head_dv.shape != lm_head_dv.shape:
         raise ValueError(f"{where}: ref_lm_head_dv shape {ref_lm_head_dv.shape} != lm_head_dv shape "
                          f"{lm_head_dv.shape}")
@@ -395,8 +407,10 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
     msk_cbt = to_chunks(mask_bt, chunk_t, False)
     div_kw = dict(direction=direction, beta=beta, temperature=temperature)
 
+    hl = head_layout  # einsum subscripts of the head: "dv" or "vd"
+
     def project(h_btd: jax.Array, w_dv: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,dv->btv", h_btd, w_dv, preferred_element_type=dtype)
+        return jnp.einsum(f"btd,{hl}->btv", h_btd, w_dv, preferred_element_type=dtype)
 
     def chunk_terms(logits_btv, ref_logits_btv, tgt_bt, msk_bt, inv):
         """(weighted total, (CE sum, KL sum)) of one chunk from its float32 logits; ``inv`` = 1/counts."""
@@ -462,9 +476,9 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
                     # would promote the whole [D, V] head to a float32 copy (2.2 GB at Qwen2.5-7B's D x V), which
                     # XLA keeps live for the step (docs/SCALING.md section 7). Float32 / float64 heads: unchanged.
                     dl_btv = dlogits_btv.astype(w_dv.dtype) if jnp.finfo(w_dv.dtype).bits < 32 else dlogits_btv
-                    dh_c = jnp.einsum("btv,dv->btd", dl_btv, w_dv, preferred_element_type=dtype).astype(h.dtype)
+                    dh_c = jnp.einsum(f"btv,{hl}->btd", dl_btv, w_dv, preferred_element_type=dtype).astype(h.dtype)
                 if want_dw:
-                    dw_acc = dw_acc + jnp.einsum("btd,btv->dv", h_c, dlogits_btv, preferred_element_type=dtype)
+                    dw_acc = dw_acc + jnp.einsum(f"btd,btv->{hl}", h_c, dlogits_btv, preferred_element_type=dtype)
                 return (ce_acc + ce_s, kl_acc + kl_s, dw_acc), dh_c
 
             init = (zero, zero, jnp.zeros(w_dv.shape, dtype) if want_dw else None)
@@ -492,14 +506,16 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
 
 def sft_loss_from_hidden(hidden_btd: jax.Array, lm_head_dv: jax.Array, labels_bt: jax.Array, *,
                          chunk_size: int = 512, grad_mode: GradMode = "precompute",
-                         num_target_tokens: jax.Array | int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                         num_target_tokens: jax.Array | int | None = None,
+                         head_layout: HeadLayout = "dv") -> tuple[jax.Array, dict[str, jax.Array]]:
     """Memory-efficient :func:`sft_loss` from hidden states (the ``lora`` / ``sft`` baselines); never builds [B,T,V].
 
     Returns ``(ce, aux)`` with the same ``aux`` keys as :func:`selfaug_loss` (``kl`` = 0, ``n_aligned_tokens`` = 0).
-    ``num_target_tokens`` overrides the denominator as in :func:`selfaug_loss_from_hidden`.
+    ``num_target_tokens`` and ``head_layout`` as in :func:`selfaug_loss_from_hidden`.
     """
     return selfaug_loss_from_hidden(hidden_btd, None, lm_head_dv, labels_bt, chunk_size=chunk_size,
-                                    grad_mode=grad_mode, num_target_tokens=num_target_tokens)
+                                    grad_mode=grad_mode, num_target_tokens=num_target_tokens,
+                                    head_layout=head_layout)
 
 
 def token_counts(labels_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *, align: Align = "prompt",

@@ -210,6 +210,37 @@ def test_fused_matches_unfused_values_and_grads(grad_mode, chunk_size, opts, sep
     assert _rel(vf_only, vu) <= 1e-5
 
 
+@pytest.mark.parametrize("grad_mode", ["precompute", "remat"])
+@pytest.mark.parametrize("separate_ref_head", [False, True])
+def test_head_layout_vd_equals_dv(grad_mode, separate_ref_head):
+    """A [V, D] head (head_layout="vd", a tied embedding as stored) gives the [D, V] head's values, and its gradient
+    is the [D, V] gradient transposed, for the fused SelfAug loss and the fused CE."""
+    h, rh, w, rw = make_hidden(4)
+    _, _, labels, mask = make_batch(4)
+    labels, mask = jnp.asarray(labels, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+    def loss(h, w, layout):
+        ref = None if not separate_ref_head else (rw if layout == "dv" else rw.T)
+        return selfaug_loss_from_hidden(h, rh, w, labels, ref_lm_head_dv=ref, chunk_size=7, grad_mode=grad_mode,
+                                        attention_mask_bt=mask, head_layout=layout)
+
+    (v_dv, a_dv), (gh_dv, gw_dv) = jax.jit(jax.value_and_grad(
+        lambda h, w: loss(h, w, "dv"), argnums=(0, 1), has_aux=True))(h, w)
+    (v_vd, a_vd), (gh_vd, gw_vd) = jax.jit(jax.value_and_grad(
+        lambda h, w: loss(h, w, "vd"), argnums=(0, 1), has_aux=True))(h, w.T)
+    assert float(a_dv["kl"]) > 1e-3
+    assert _rel(v_vd, v_dv) <= 1e-6 and _rel(a_vd["kl"], a_dv["kl"]) <= 1e-6
+    assert gw_vd.shape == w.T.shape
+    assert _grad_rel(gh_vd, gh_dv) <= 1e-5 and _grad_rel(gw_vd.T, gw_dv) <= 1e-5
+    ce_dv, _ = sft_loss_from_hidden(h, w, labels, chunk_size=5)
+    ce_vd, _ = sft_loss_from_hidden(h, w.T, labels, chunk_size=5, head_layout="vd")
+    assert _rel(ce_vd, ce_dv) <= 1e-6
+    with pytest.raises(ValueError, match=r"\[V, D=\d+\] \(head_layout='vd'\)"):
+        selfaug_loss_from_hidden(h, rh, w, labels, head_layout="vd")
+    with pytest.raises(ValueError, match="head_layout must be one of"):
+        selfaug_loss_from_hidden(h, rh, w, labels, head_layout="dvv")
+
+
 def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
     """Output shapes of every ``dot_general`` in a (closed) jaxpr, nested jaxprs (scan bodies, ...) included."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)

@@ -37,6 +37,22 @@ def test_fp32_logits_match_transformers(tiny):
     np.testing.assert_allclose(ours, torch_logits(ref_model, ids), atol=1e-4, rtol=0)
 
 
+def test_lm_head_weight_layouts_are_the_stored_table_and_its_transpose(tiny):
+    """``lm_head_weight(layout)``: the stored array untransposed for ``lm_head_layout`` ([V, D] when tied), its
+    transpose otherwise; both equal transformers' output embedding."""
+    name, d, ref_model = tiny
+    model = load_pretrained(d, dtype=jnp.float32)
+    tied = model.lm_head is None
+    assert model.lm_head_layout == ("vd" if tied else "dv")
+    head_vd = ref_model.get_output_embeddings().weight.detach().numpy()  # torch Linear: [V, D]
+    np.testing.assert_array_equal(np.asarray(model.lm_head_weight("vd")), head_vd)
+    np.testing.assert_array_equal(np.asarray(model.lm_head_weight("dv")), head_vd.T)
+    stored = model.embed_tokens.embedding[...] if tied else model.lm_head.kernel[...]
+    assert model.lm_head_weight(model.lm_head_layout).shape == stored.shape
+    with pytest.raises(ValueError, match="layout must be"):
+        model.lm_head_weight("vv")
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padding_logits_match_transformers(tiny, side):
     name, d, ref_model = tiny

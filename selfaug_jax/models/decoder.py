@@ -360,11 +360,18 @@ class DecoderLM(nnx.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, **kw)
 
     # ------------------------------------------------------------------ public API
-    def lm_head_weight(self) -> jnp.ndarray:
-        """The output projection ``[D, V]`` (the transposed embedding table when embeddings are tied)."""
-        if self.lm_head is None:
-            return self.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+    @property
+    def lm_head_layout(self) -> str:
+        """The layout the output projection is stored in: ``"vd"`` (the tied embedding table) or ``"dv"``."""
+        return "vd" if self.lm_head is None else "dv"
+
+    def lm_head_weight(self, layout: str = "dv") -> jnp.ndarray:
+        """The output projection, ``[D, V]`` (``layout="dv"``; the transposed embedding table when embeddings are
+        tied) or ``[V, D]`` (``"vd"``). ``layout=self.lm_head_layout`` returns the stored array untransposed."""
+        if layout not in ("dv", "vd"):
+            raise ValueError(f"lm_head_weight: layout must be 'dv' or 'vd', got {layout!r}")
+        w = self.embed_tokens.embedding[...] if self.lm_head is None else self.lm_head.kernel[...]
+        return w if layout == self.lm_head_layout else w.T
 
     def hidden_states(
         self,

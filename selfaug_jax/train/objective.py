@@ -148,37 +148,42 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
             batch["input_ids_bt"], taps=LayerTaps(tapped[0].sites), **kwargs))
         hidden_btd, layer_taps = policy.hidden_states(
             batch["input_ids_bt"], dropout_rng=rng, taps=dataclasses.replace(tapped[0], xs=ref_taps), **kwargs)
-    head_dv = policy.lm_head_weight()
+    # The head in its stored layout ([V, D] for a tied embedding): the fused loss contracts it as it is, with no
+    # transposed copy of the table (selfaug_jax/loss.py, head_layout).
+    layout = policy.lm_head_layout
+    head = policy.lm_head_weight(layout)
     if spec.uses_lora:
         # The head is frozen (LoRA never adapts it; it is derived from `frozen`, which is not differentiated): under
         # stop_gradient the fused loss's custom VJP sees it unperturbed and skips the head-gradient matmuls.
-        head_dv = jax.lax.stop_gradient(head_dv)
+        head = jax.lax.stop_gradient(head)
     cfg = config.loss
     n_target, n_aligned = normalizers if normalizers is not None else (None, None)
     if reference is not None and ref_hidden_btd is None:
         ref_hidden_btd = jax.lax.stop_gradient(reference.hidden_states(batch["input_ids_bt"], **kwargs))
     if logit_term is not None:
-        ref_head_dv = jax.lax.stop_gradient(reference.lm_head_weight())
+        ref_head = jax.lax.stop_gradient(reference.lm_head_weight(layout))
         fused = dict(cfg.fused_kwargs(), align=LOGIT_TERMS[logit_term](config))
         total, aux = loss_lib.selfaug_loss_from_hidden(
             hidden_btd,
             ref_hidden_btd,
-            head_dv,
+            head,
             batch["labels_bt"],
-            ref_lm_head_dv=ref_head_dv,
+            ref_lm_head_dv=ref_head,
             attention_mask_bt=batch["attention_mask_bt"],
             num_target_tokens=n_target,
             num_aligned_tokens=n_aligned,
+            head_layout=layout,
             **fused,
         )
     else:
         total, aux = loss_lib.sft_loss_from_hidden(
             hidden_btd,
-            head_dv,
+            head,
             batch["labels_bt"],
             chunk_size=cfg.chunk_size,
             grad_mode=cfg.grad_mode,
             num_target_tokens=n_target,
+            head_layout=layout,
         )
     aux = dict(aux)
     if additive:
