@@ -36,6 +36,7 @@ import yaml
 
 from selfaug_jax.checkpoints.default_model import DEFAULT_MODEL_ALIASES
 from selfaug_jax.data.magpie import MagpieConfig
+from selfaug_jax.models.decoder import DEFAULT_ATTENTION_CHUNK, DEFAULT_SCAN_UNROLL
 from selfaug_jax.data.sdft import SDFTConfig
 from selfaug_jax.eval.suite import EvalConfig
 from selfaug_jax.feature_loss import FeatureLossConfig
@@ -97,14 +98,14 @@ class ModelSection:
     num_layers: PositiveInt | None = None  # keep only the first N decoder layers (smoke tests / debugging)
     # Query-chunk length of attention: sequences longer than this never hold a [b, heads, t, t] float32 score
     # tensor (null: dense attention). Values are unchanged up to float rounding.
-    attention_chunk: PositiveInt | None = 512
+    attention_chunk: PositiveInt | None = DEFAULT_ATTENTION_CHUNK
     # Attention kernel of the training / evaluation forward (selfaug_jax/models/attention_kernels.py): auto (cuDNN
     # flash attention on GPU, splash on TPU, xla_chunked on CPU) | xla_chunked | dot_product | cudnn | splash.
     # cudnn and splash have not yet been run on hardware; KV-cache decoding always uses xla_chunked's kernel.
     attention_impl: AttentionImpl = "auto"
     # Layers per iteration of the layer scan (jax.lax.scan unroll): same values, more work per iteration for the
     # compiler; 2 measured fastest on XLA:CPU (bench/README.md, session 6). Decoding always uses 1.
-    scan_unroll: PositiveInt = 2
+    scan_unroll: PositiveInt = DEFAULT_SCAN_UNROLL
 
 
 @dataclasses.dataclass
