@@ -235,6 +235,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     sys.path.insert(0, str(ROOT))
     mesh = parse_mesh(args.mesh, args.cpu_devices)
+    from selfaug_jax.host_memory import release_freed_host_memory
     from selfaug_jax.loss import SelfAugLossConfig
     from selfaug_jax.lora import LoRAConfig
     from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK, DEFAULT_MODEL, DEFAULT_SCAN_UNROLL, load_pretrained
@@ -285,6 +286,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     memory = machine.xla_memory_analysis(compiled)
     rss_compile_mb = machine.peak_rss_mb()
+    release_freed_host_memory()  # the compiler's freed heap, as the trainer does after its first step
     hwm_was_reset = machine.reset_peak_rss()  # from here on VmHWM is the peak of the steps alone (Linux)
     t0 = time.perf_counter()
     state, metrics = compiled(state, batches[0])

@@ -75,6 +75,7 @@ def run_torch_step(
     from peft import LoraConfig, get_peft_model
 
     import machine
+    from selfaug_jax.host_memory import release_freed_host_memory  # no JAX at import
 
     if method not in ("lora", "selfaug"):
         raise SystemExit(f"--impl torch: method {method!r} is not implemented on the PyTorch side (lora, selfaug)")
@@ -114,6 +115,7 @@ def run_torch_step(
         optimizer.zero_grad(set_to_none=True)
         return total.item(), ce.item(), kl.item()
 
+    release_freed_host_memory()  # the loader's freed heap: the JAX side trims after its compile the same way
     hwm_was_reset = machine.reset_peak_rss()  # VmHWM from here = the steps' peak (model load excluded)
     t0 = time.perf_counter()
     first = step(batches[0])

@@ -42,6 +42,7 @@ from selfaug_jax.data.batching import BatchConfig, BatchIterator
 from selfaug_jax.data.readers import iter_jsonl_objects
 from selfaug_jax.data.tfds_source import EpochSampler
 from selfaug_jax.experiment.config import ExperimentConfig
+from selfaug_jax.host_memory import release_freed_host_memory
 from selfaug_jax.lora import LoRAConfig, merge_lora, save_peft_adapter
 from selfaug_jax.methods import get_method
 from selfaug_jax.models.decoder import DecoderLM
@@ -322,6 +323,8 @@ def train_method(
             if step == poison_step:
                 state = _poisoned(state)
             state, metrics = step_fn(state, batch)  # dispatched; runs while the host goes on
+            if step == start + 1:
+                release_freed_host_memory()  # that call compiled the step: return the compiler's freed heap
             if pending and pending[-1][0] % tcfg.log_every == 0:
                 drain()  # up to the previous step (finished by now, or nearly): never the one just dispatched
             pending.append((step, metrics))
