@@ -14,3 +14,19 @@ def tiny_chat_model(tokenizer, seed: int) -> DecoderLM:
                       tie_word_embeddings=True, max_position_embeddings=2048,
                       eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
     return DecoderLM(cfg, rngs=nnx.Rngs(seed))
+
+
+def tiny_chat_model_dir(out_dir, seed: int = 0):
+    """:func:`tiny_chat_model` saved as a Hugging Face directory (config, safetensors, SmolLM2's tokenizer files).
+
+    For the end-to-end tests whose subject is the runner (resume, multi-host data, sweeps, faults), not the
+    model: ``experiments/run.py --model <this dir>`` then compiles and steps in a fraction of the default model's
+    time. ``tests/test_experiment.py::test_smoke_preset_end_to_end`` still runs the real default model.
+    """
+    from pathlib import Path
+
+    from selfaug_jax.checkpoints.hf import save_hf_model
+    from selfaug_jax.models import load_tokenizer, resolve_model_dir
+
+    src = resolve_model_dir("smollm2-135m-instruct")
+    return save_hf_model(tiny_chat_model(load_tokenizer(str(src)), seed), Path(out_dir), tokenizer_dir=src)

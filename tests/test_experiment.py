@@ -15,8 +15,9 @@ from selfaug_jax.methods import METHOD_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py"), "--no-progress"]
+# no evaluation at all (the final one, nor the smoke preset's periodic one every 2 steps)
 NO_EVAL = ["eval.n_rag=0", "eval.n_ifeval=0", "eval.n_shift_general=0", "eval.n_shift_rag=0", "eval.n_knowledge=0",
-           "train.export=false"]
+           "train.export=false", "train.eval_every_steps=null"]
 
 
 def _run(args, **kw):
@@ -112,9 +113,10 @@ def _metrics(path):
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     common = ["--preset", "smoke", "--method", "selfaug", "train.max_steps=6", "train.checkpoint_every=2",
               "train.keep_checkpoints=3", *NO_EVAL]
-    full = _run(common + ["--out", str(tmp_path / "full")])
-    assert full.returncode == 0, full.stderr[-3000:]
-
+    # the uninterrupted run goes on beside the one to be killed (each is ~1 core; they share nothing)
+    full_log = open(tmp_path / "full.stderr", "w")
+    full = subprocess.Popen(RUN + common + ["--out", str(tmp_path / "full")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=full_log, start_new_session=True)
     killed_dir = tmp_path / "killed"
     ckpt_dir = killed_dir / "selfaug" / "checkpoints"
     proc = subprocess.Popen(RUN + common + ["--out", str(killed_dir)], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -130,6 +132,14 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+    try:
+        full.wait(timeout=900)
+    finally:
+        if full.poll() is None:
+            os.killpg(full.pid, signal.SIGKILL)
+            full.wait(timeout=60)
+        full_log.close()
+    assert full.returncode == 0, (tmp_path / "full.stderr").read_text()[-3000:]
     steps_done = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
     assert steps_done and steps_done[-1] < 6, f"the run was not interrupted before the end: {steps_done}"
 

@@ -21,8 +21,8 @@ from _checkpoint_state import filled_state
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py"), "--no-progress"]
-NO_EVAL = ["eval.n_rag=0", "eval.n_ifeval=0", "eval.n_shift_general=0", "eval.n_shift_rag=0", "train.export=false",
-           "output.tensorboard=false"]
+NO_EVAL = ["eval.n_rag=0", "eval.n_ifeval=0", "eval.n_shift_general=0", "eval.n_shift_rag=0", "eval.n_knowledge=0",
+           "train.eval_every_steps=null", "train.export=false", "output.tensorboard=false"]
 
 # The saver killed mid-save: writes step 1 (unless present) and then step 2 of the stand-in state.
 _SAVER = textwrap.dedent("""
@@ -90,11 +90,12 @@ def _one_stderr_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_nan_stops_the_run_naming_the_step_and_a_corrupted_checkpoint_is_named(tmp_path):
+def test_nan_stops_the_run_naming_the_step_and_a_corrupted_checkpoint_is_named(tmp_path, tiny_model_dir):
     from selfaug_jax.checkpoints.orbax import TrainCheckpointer
 
-    out = tmp_path / "run"
-    common = ["--preset", "smoke", "--method", "selfaug", "--out", str(out), "train.max_steps=6",
+    out = tmp_path / "run"  # the tiny model: the subject is the trainer's stop and the restore's error
+    common = ["--preset", "smoke", "--method", "selfaug", "--model", str(tiny_model_dir), "--out", str(out),
+              "train.max_steps=6",
               "train.checkpoint_every=2", "train.keep_checkpoints=5", *NO_EVAL]
     env = {**os.environ, "SELFAUG_JAX_TEST_NONFINITE_AT_STEP": "5"}
     proc = subprocess.run(RUN + common, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)

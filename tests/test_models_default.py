@@ -41,3 +41,32 @@ def test_nnx_default_model_matches_transformers_on_chat_text(tokenizer):
     diff = np.abs(our_logits - ref_logits)[mask.astype(bool)].max()
     print(f"\n[default model] max |logit diff| vs transformers on chat text: {diff:.3g}")
     assert diff <= 2e-4
+
+
+def test_load_tokenizer_fast_path_equals_auto_tokenizer(tmp_path):
+    """A plain fast tokenizer is loaded without AutoTokenizer (no torch import), and is the same tokenizer."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = resolve_model_dir(DEFAULT_MODEL)
+    fast, auto = load_tokenizer(src), AutoTokenizer.from_pretrained(str(src))
+    assert type(fast) is type(auto)
+    chat = [{"role": "user", "content": "Name the capital of France. Answer in one word."},
+            {"role": "assistant", "content": "Paris."}]
+    assert fast.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(chat, tokenize=False)
+    text = "Retrieved: [1] Tavelport has 48,200 inhabitants.\n### Response:\n  naïve 東京 <|im_end|>"
+    assert fast(text)["input_ids"] == auto(text)["input_ids"]
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id", "padding_side", "model_max_length"):
+        assert getattr(fast, attr) == getattr(auto, attr), attr
+    assert len(fast) == len(auto)
+
+    # any other class goes through AutoTokenizer (model-specific code): a GPT2Tokenizer config gives GPT-2's class
+    other = tmp_path / "gpt2tok"
+    shutil.copytree(src, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "GPT2Tokenizer"
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert type(load_tokenizer(other)).__name__ == type(AutoTokenizer.from_pretrained(str(other))).__name__
+    assert type(load_tokenizer(other)).__name__ != type(fast).__name__

@@ -34,11 +34,9 @@ def test_host_shard_is_a_deterministic_partition():
         raise AssertionError("HeadSource must not reach past its length")
 
 
-def _two_processes(tmp: Path, out: Path, extra: list[str], tag: str) -> list[str]:
-    from selfaug_jax.models import resolve_model_dir
-
+def _two_processes(tmp: Path, out: Path, extra: list[str], tag: str, model: Path) -> list[str]:
     port = free_port()
-    model = str(resolve_model_dir("smollm2-135m-instruct"))  # read-only, shared; only the data caches differ
+    model = str(model)  # read-only, shared; only the data caches differ
     procs, logs = [], []
     try:
         for pid in range(2):
@@ -52,7 +50,8 @@ def _two_processes(tmp: Path, out: Path, extra: list[str], tag: str) -> list[str
                  "--mesh", "data=4", "--distributed", f"mesh.coordinator_address=127.0.0.1:{port}",
                  "mesh.num_processes=2", f"mesh.process_id={pid}", "train.batch_size=4", "train.max_steps=4",
                  "train.checkpoint_every=2", "train.keep_checkpoints=3", "eval.n_rag=0", "eval.n_ifeval=0",
-                 "eval.n_shift_general=0", "eval.n_shift_rag=0", "train.export=false", "output.tensorboard=false",
+                 "eval.n_shift_general=0", "eval.n_shift_rag=0", "eval.n_knowledge=0", "train.eval_every_steps=null",
+                 "train.export=false", "output.tensorboard=false",
                  *extra],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
             ))
@@ -76,11 +75,13 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-def test_two_hosts_tokenize_their_own_shards_into_separate_caches_and_resume_exactly(tmp_path):
+def test_two_hosts_tokenize_their_own_shards_into_separate_caches_and_resume_exactly(tmp_path, tiny_model_dir):
+    """The subject is the data path and the resume, not the model: a tiny model (SmolLM2's tokenizer) keeps the
+    four processes' steps cheap."""
     from selfaug_jax.data import load_tfds_source
 
     out = tmp_path / "run"
-    _two_processes(tmp_path, out, [], "full")
+    _two_processes(tmp_path, out, [], "full", tiny_model_dir)
     full = _rows(out / "selfaug" / "metrics.jsonl")
     assert [r["step"] for r in full] == [1, 2, 3, 4]
 
@@ -101,5 +102,5 @@ def test_two_hosts_tokenize_their_own_shards_into_separate_caches_and_resume_exa
 
     # resume both hosts from step 2: the same batches, the same losses
     shutil.rmtree(out / "selfaug" / "checkpoints" / "4")
-    _two_processes(tmp_path, out, ["--resume"], "resumed")
+    _two_processes(tmp_path, out, ["--resume"], "resumed", tiny_model_dir)
     assert _rows(out / "selfaug" / "metrics.jsonl") == full

@@ -60,9 +60,9 @@ def _from_tokenizer_json(path: Path) -> TokenCounter:
 def _from_hf_dir(directory: Path) -> TokenCounter:
     if (directory / "tokenizer.json").is_file():
         return _from_tokenizer_json(directory / "tokenizer.json")
-    from transformers import AutoTokenizer
+    from selfaug_jax.models import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(directory))
+    tok = load_tokenizer(directory)
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 

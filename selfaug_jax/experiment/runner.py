@@ -32,7 +32,7 @@ from selfaug_jax.experiment.runs import plan_runs, run_config
 from selfaug_jax.run_names import scaled_name
 from selfaug_jax.experiment.trainer import is_main_process, train_method
 from selfaug_jax.methods import get_method
-from selfaug_jax.models import load_pretrained
+from selfaug_jax.models import load_pretrained, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume: bool = False, progress: boo
                            stream=sys.stderr if progress and is_main_process() else None)
     tracker.begin("data")
     model_dir = preflight(cfg, resume=resume).model_dir
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     check_tokenizer(tokenizer, cfg, model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     source, data_stats = tokenized_train_source(cfg, tokenizer, model_dir)
