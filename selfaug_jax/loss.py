@@ -51,6 +51,21 @@ Two implementations with the same values and gradients:
   rematerialised (``jax.checkpoint``) scan body: it recomputes both projections in the backward pass (six matmuls)
   but supports higher-order and forward-mode differentiation.
 
+Skipping unweighted positions (``skip_unweighted=True``, the default; ``loss.skip_unweighted``): a position counts only
+if it has a CE target or is aligned, so a chunk holding none is not projected at all (a ``lax.cond`` in the scan
+body gives its zero sums and zero hidden gradient). When only the answer positions count -- every method without
+an alignment term (``lora``, ``sft``, ...) and ``align="response"`` -- each sequence's weighted positions are first
+moved to its front (a stable per-row reorder along T, never across the batch; the hidden gradient comes back through
+the inverse reorder as a gather, not a scatter) and the loop steps in ``chunk_size / 4``-token chunks, so only
+``ceil(longest answer / chunk)`` chunks are projected. The prompt-aligning choices weigh nearly every position and
+keep their layout; they skip only chunks that are unweighted in place (a padded tail). Values equal the unskipped
+ones up to float summation order. Measured on the shared 2-core CPU box under load (``python bench/loss_skip.py``:
+SmolLM2's tied head D=576 V=49152, 4 x 256 with the last 25% answer, value+grad, arms interleaved in one process):
+the CE-only loss 1.74 -> 0.48 CPU s, SelfAug's 3.23 -> 3.33 (noise: 3.23 -> 3.20 in another round). Whole train
+step, both arms' steps interleaved in one process (bench/results/skip_unweighted_cpu.jsonl): ``lora`` 14.26 ->
+13.75 and 14.54 -> 14.13 CPU s (-3%; under load ~3-4 every step costs ~4x its quiet CPU time, so to be re-measured
+quietly), ``selfaug`` 17.86 -> 17.65 CPU s (unchanged; identical losses).
+
 All functions are pure, jit-able, use static shapes and never sync with the host inside traced code. Options are
 Python values (static under ``jax.jit``). This module (with its helpers in ``loss_checks.py`` and ``chunking.py``)
 imports only jax, numpy and the standard library.
@@ -65,7 +80,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from selfaug_jax.chunking import to_chunks
+from selfaug_jax.chunking import permute_time, selected_first, take_time, to_chunks
 from selfaug_jax.loss_checks import (
     IGNORE_INDEX,
     check_fused_options,
@@ -111,11 +126,16 @@ class SelfAugLossConfig:
     include_padding: bool = True
     chunk_size: int = 512
     grad_mode: GradMode = "precompute"
+    # The fused loss skips the vocabulary projections (and gradient matmuls) of chunks holding no position with a CE
+    # target or an aligned KL position, after moving each sequence's weighted positions to its front: the CE-only
+    # methods (lora, sft, ...) project only their answer tokens. Same values up to float summation order.
+    skip_unweighted: bool = True
 
     def __post_init__(self) -> None:
         check_options(alpha=self.alpha, direction=self.direction, beta=self.beta, temperature=self.temperature,
                       align=self.align, include_padding=self.include_padding, where="SelfAugLossConfig")
-        check_fused_options(self.chunk_size, self.grad_mode, where="SelfAugLossConfig")
+        check_fused_options(self.chunk_size, self.grad_mode, where="SelfAugLossConfig",
+                            skip_unweighted=self.skip_unweighted)
 
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`selfaug_loss` (everything except the fused-only fields)."""
@@ -124,7 +144,8 @@ class SelfAugLossConfig:
 
     def fused_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`selfaug_loss_from_hidden`."""
-        return dict(self.loss_kwargs(), chunk_size=self.chunk_size, grad_mode=self.grad_mode)
+        return dict(self.loss_kwargs(), chunk_size=self.chunk_size, grad_mode=self.grad_mode,
+                    skip_unweighted=self.skip_unweighted)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,6 +336,23 @@ def selfaug_loss(logits_btv: jax.Array, ref_logits_btv: jax.Array, labels_bt: ja
 # Fused API: hidden states + LM head, chunked over tokens.
 
 
+SKIP_SPLIT = 4
+"""With ``skip_unweighted`` and answer-only weights, each ``chunk_size`` chunk is split into this many scan steps
+(the unit of skipping): 128 tokens at the default 512. Measured at the bench shape, the loss alone costs the same
+per projected token from 128 to 1024-token chunks."""
+
+
+def _answer_only(with_kl: bool, align: str) -> bool:
+    """Whether only the answer (CE-target) positions carry weight (static): no alignment term, or ``align="response"``.
+
+    Then ``skip_unweighted`` moves each sequence's weighted positions to its front and steps in finer chunks, so
+    every chunk past the longest answer is skipped. The prompt-aligning choices weigh nearly every position (all but
+    the last answer token; padding too unless excluded): they keep the positions and chunks as they are and skip
+    only the chunks that are unweighted in place (e.g. a padded tail).
+    """
+    return not with_kl or align == "response"
+
+
 def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | None, lm_head_dv: jax.Array,
                              labels_bt: jax.Array, *, ref_lm_head_dv: jax.Array | None = None,
                              chunk_size: int = 512, grad_mode: GradMode = "precompute", alpha: float = 0.5,
@@ -323,7 +361,7 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
                              attention_mask_bt: jax.Array | None = None,
                              num_target_tokens: jax.Array | int | None = None,
                              num_aligned_tokens: jax.Array | int | None = None,
-                             head_layout: HeadLayout = "dv",
+                             head_layout: HeadLayout = "dv", skip_unweighted: bool = True,
                              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Memory-efficient SelfAug loss from final hidden states; same values/gradients as :func:`selfaug_loss`.
 
@@ -350,6 +388,8 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
       num_target_tokens, num_aligned_tokens: optional denominators for the CE / KL sums instead of this batch's own
         counts -- e.g. the counts of a whole accumulated batch (:func:`token_counts`), so that summing the
         micro-batch losses gives the big-batch loss. ``aux`` then holds the partial (micro-batch) terms.
+      skip_unweighted: skip the chunks holding no position with a CE target or an aligned KL position (see the
+        module docstring); ``False`` projects every position as before.
       head_layout: ``"dv"`` (default): both heads are ``[D, V]``; ``"vd"``: both are ``[V, D]``, e.g. a tied
         embedding table passed as stored (``DecoderLM.lm_head_layout``). The chunk loop's matmuls then contract the
         table's own axis: a ``[D, V]`` view made by transposing outside the loop is a loop operand that XLA:CPU
@@ -367,7 +407,7 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
         alpha = 0.0
     check_options(alpha=alpha, direction=direction, beta=beta, temperature=temperature, align=align,
                   include_padding=include_padding, where=where)
-    check_fused_options(chunk_size, grad_mode, where=where)
+    check_fused_options(chunk_size, grad_mode, where=where, skip_unweighted=skip_unweighted)
     for name, x in (("hidden_btd", hidden_btd), ("ref_hidden_btd", ref_hidden_btd)):
         check_logits(x, name, where)
     if ref_hidden_btd.shape != hidden_btd.shape:
@@ -401,8 +441,23 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
     inv = (inv_target, inv_aligned)
 
     chunk_t = min(t, max(1, -(-chunk_size // b)))
+    sparse = skip_unweighted and _answer_only(with_kl, align)
+    if sparse:
+        chunk_t = -(-chunk_t // SKIP_SPLIT)
+    ref_hidden_btd = jax.lax.stop_gradient(ref_hidden_btd)
+    active_c = None  # per chunk: does it hold a weighted position (None: every chunk is computed)
+    if skip_unweighted:
+        weight_bt = targets_bt != IGNORE_INDEX
+        if with_kl:
+            weight_bt = weight_bt | mask_bt
+        if sparse:
+            perm_bt, dest_bt = selected_first(weight_bt)
+            hidden_btd = permute_time(hidden_btd, perm_bt, dest_bt)
+            ref_hidden_btd = permute_time(ref_hidden_btd, perm_bt, dest_bt) if with_kl else hidden_btd
+            targets_bt, mask_bt, weight_bt = (take_time(x, perm_bt) for x in (targets_bt, mask_bt, weight_bt))
+        active_c = jnp.any(to_chunks(weight_bt, chunk_t, False), axis=(1, 2))
     h_cbtd = to_chunks(hidden_btd, chunk_t)
-    rh_cbtd = to_chunks(jax.lax.stop_gradient(ref_hidden_btd), chunk_t)
+    rh_cbtd = to_chunks(ref_hidden_btd, chunk_t)
     tgt_cbt = to_chunks(targets_bt, chunk_t, IGNORE_INDEX)
     msk_cbt = to_chunks(mask_bt, chunk_t, False)
     div_kw = dict(direction=direction, beta=beta, temperature=temperature)
@@ -432,57 +487,77 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
         # Same formula as the unfused loss (ce + alpha * kl), so e.g. total == ce exactly when kl == 0.
         return ce_sum * inv[0] + alpha * (kl_sum * inv[1])
 
-    def value_scan(h, rh, hs, tgt, msk, inv):
+    def if_active(act, live, dead, *operands):
+        """``live(*operands)`` for a chunk with a weighted position, else ``dead(*operands)`` (its zero result)."""
+        if act is None:
+            return live(*operands)
+        return jax.lax.cond(act, live, dead, *operands)
+
+    def value_scan(h, rh, hs, tgt, msk, act, inv):
         """(CE sum, KL sum) over all chunks; differentiable (used by grad_mode="remat" and as the primal)."""
         def body(carry, xs):
-            h_c, rh_c, tgt_c, msk_c = xs
-            _, (ce_s, kl_s) = chunk_terms(project(h_c, hs[0]), ref_logits_of(rh_c, hs), tgt_c, msk_c, inv)
+            h_c, rh_c, tgt_c, msk_c, act_c = xs
+
+            def live():
+                _, sums = chunk_terms(project(h_c, hs[0]), ref_logits_of(rh_c, hs), tgt_c, msk_c, inv)
+                return sums
+            ce_s, kl_s = if_active(act_c, live, lambda: (zero, zero))
             return (carry[0] + ce_s, carry[1] + kl_s), None
         if grad_mode == "remat":
             body = jax.checkpoint(body)
-        sums, _ = jax.lax.scan(body, (zero, zero), (h, rh, tgt, msk))
+        sums, _ = jax.lax.scan(body, (zero, zero), (h, rh, tgt, msk, act))
         return sums
 
     if grad_mode == "remat":
-        ce_sum, kl_sum = value_scan(h_cbtd, rh_cbtd, heads, tgt_cbt, msk_cbt, inv)
+        ce_sum, kl_sum = value_scan(h_cbtd, rh_cbtd, heads, tgt_cbt, msk_cbt, active_c, inv)
         total = combine(ce_sum, kl_sum, inv)
     else:
         @jax.custom_vjp
-        def fused(h, rh, hs, tgt, msk, inv):
-            ce_s, kl_s = value_scan(h, rh, hs, tgt, msk, inv)
+        def fused(h, rh, hs, tgt, msk, act, inv):
+            ce_s, kl_s = value_scan(h, rh, hs, tgt, msk, act, inv)
             return combine(ce_s, kl_s, inv), ce_s, kl_s
 
-        def fused_fwd(h, rh, hs, tgt, msk, inv):
+        def fused_fwd(h, rh, hs, tgt, msk, act, inv):
             # symbolic_zeros=True: every leaf arrives as CustomVJPPrimal(value, perturbed). An input that is not
             # being differentiated (a frozen LM head -- every LoRA method, e.g. SmolLM2's tied embedding -- or a
             # head passed under stop_gradient) gets no gradient work: no [D, V] accumulator, no per-chunk
             # h^T @ dlogits matmul, independent of whether XLA would find the dead loop carry.
             want_dh, want_dw = h.perturbed, hs[0].perturbed
-            h, rh, hs, tgt, msk, inv = jax.tree.map(lambda p: p.value, (h, rh, hs, tgt, msk, inv),
-                                                    is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
+            h, rh, hs, tgt, msk, act, inv = jax.tree.map(lambda p: p.value, (h, rh, hs, tgt, msk, act, inv),
+                                                         is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
             w_dv = hs[0]
 
             def body(carry, xs):
                 ce_acc, kl_acc, dw_acc = carry
-                h_c, rh_c, tgt_c, msk_c = xs
-                ref_c = ref_logits_of(rh_c, hs)
-                _, vjp_fn, (ce_s, kl_s) = jax.vjp(lambda lg: chunk_terms(lg, ref_c, tgt_c, msk_c, inv),
-                                                    project(h_c, w_dv), has_aux=True)
-                (dlogits_btv,) = vjp_fn(jnp.ones((), dtype))
-                dh_c = None
-                if want_dh:
-                    # With a 16-bit head the chunk's dlogits are rounded to the head's dtype for this matmul
-                    # (float32 accumulation), as autograd does for a bf16 torch lm_head: multiplying float32 dlogits
-                    # would promote the whole [D, V] head to a float32 copy (2.2 GB at Qwen2.5-7B's D x V), which
-                    # XLA keeps live for the step (docs/SCALING.md section 7). Float32 / float64 heads: unchanged.
-                    dl_btv = dlogits_btv.astype(w_dv.dtype) if jnp.finfo(w_dv.dtype).bits < 32 else dlogits_btv
-                    dh_c = jnp.einsum(f"btv,{hl}->btd", dl_btv, w_dv, preferred_element_type=dtype).astype(h.dtype)
-                if want_dw:
-                    dw_acc = dw_acc + jnp.einsum(f"btd,btv->{hl}", h_c, dlogits_btv, preferred_element_type=dtype)
+                h_c, rh_c, tgt_c, msk_c, act_c = xs
+
+                def live(dw_acc):
+                    ref_c = ref_logits_of(rh_c, hs)
+                    _, vjp_fn, (ce_s, kl_s) = jax.vjp(lambda lg: chunk_terms(lg, ref_c, tgt_c, msk_c, inv),
+                                                        project(h_c, w_dv), has_aux=True)
+                    (dlogits_btv,) = vjp_fn(jnp.ones((), dtype))
+                    dh_c = None
+                    if want_dh:
+                        # With a 16-bit head the chunk's dlogits are rounded to the head's dtype for this matmul
+                        # (float32 accumulation), as autograd does for a bf16 torch lm_head: multiplying float32
+                        # dlogits would promote the whole [D, V] head to a float32 copy (2.2 GB at Qwen2.5-7B's
+                        # D x V), which XLA keeps live for the step (docs/SCALING.md section 7). Float32 / float64
+                        # heads: unchanged.
+                        dl_btv = dlogits_btv.astype(w_dv.dtype) if jnp.finfo(w_dv.dtype).bits < 32 else dlogits_btv
+                        dh_c = jnp.einsum(f"btv,{hl}->btd", dl_btv, w_dv, preferred_element_type=dtype)
+                        dh_c = dh_c.astype(h.dtype)
+                    if want_dw:
+                        dw_acc = dw_acc + jnp.einsum(f"btd,btv->{hl}", h_c, dlogits_btv, preferred_element_type=dtype)
+                    return ce_s, kl_s, dw_acc, dh_c
+
+                def dead(dw_acc):  # no weighted position: zero sums, zero hidden gradient, head gradient unchanged
+                    return zero, zero, dw_acc, (jnp.zeros(h_c.shape, h.dtype) if want_dh else None)
+
+                ce_s, kl_s, dw_acc, dh_c = if_active(act_c, live, dead, dw_acc)
                 return (ce_acc + ce_s, kl_acc + kl_s, dw_acc), dh_c
 
             init = (zero, zero, jnp.zeros(w_dv.shape, dtype) if want_dw else None)
-            (ce_s, kl_s, dw), dh = jax.lax.scan(body, init, (h, rh, tgt, msk))
+            (ce_s, kl_s, dw), dh = jax.lax.scan(body, init, (h, rh, tgt, msk, act))
             dw = None if dw is None else dw.astype(w_dv.dtype)
             return (combine(ce_s, kl_s, inv), ce_s, kl_s), (dh, dw)
 
@@ -493,10 +568,10 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
                 g = jnp.zeros((), dtype)
             d_h = None if dh is None else g.astype(dh.dtype) * dh
             d_heads = (None if dw is None else g.astype(dw.dtype) * dw,) + (None,) * (len(heads) - 1)
-            return d_h, None, d_heads, None, None, None
+            return d_h, None, d_heads, None, None, None, None
 
         fused.defvjp(fused_fwd, fused_bwd, symbolic_zeros=True)
-        total, ce_sum, kl_sum = fused(h_cbtd, rh_cbtd, heads, tgt_cbt, msk_cbt, inv)
+        total, ce_sum, kl_sum = fused(h_cbtd, rh_cbtd, heads, tgt_cbt, msk_cbt, active_c, inv)
 
     ce = jax.lax.stop_gradient(ce_sum) * inv_target
     kl = jax.lax.stop_gradient(kl_sum) * inv_aligned
@@ -507,15 +582,16 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
 def sft_loss_from_hidden(hidden_btd: jax.Array, lm_head_dv: jax.Array, labels_bt: jax.Array, *,
                          chunk_size: int = 512, grad_mode: GradMode = "precompute",
                          num_target_tokens: jax.Array | int | None = None,
-                         head_layout: HeadLayout = "dv") -> tuple[jax.Array, dict[str, jax.Array]]:
+                         head_layout: HeadLayout = "dv",
+                         skip_unweighted: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Memory-efficient :func:`sft_loss` from hidden states (the ``lora`` / ``sft`` baselines); never builds [B,T,V].
 
     Returns ``(ce, aux)`` with the same ``aux`` keys as :func:`selfaug_loss` (``kl`` = 0, ``n_aligned_tokens`` = 0).
-    ``num_target_tokens`` and ``head_layout`` as in :func:`selfaug_loss_from_hidden`.
+    ``num_target_tokens``, ``head_layout`` and ``skip_unweighted`` as in :func:`selfaug_loss_from_hidden`.
     """
     return selfaug_loss_from_hidden(hidden_btd, None, lm_head_dv, labels_bt, chunk_size=chunk_size,
                                     grad_mode=grad_mode, num_target_tokens=num_target_tokens,
-                                    head_layout=head_layout)
+                                    head_layout=head_layout, skip_unweighted=skip_unweighted)
 
 
 def token_counts(labels_bt: jax.Array, attention_mask_bt: jax.Array | None = None, *, align: Align = "prompt",

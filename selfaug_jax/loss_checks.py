@@ -41,11 +41,13 @@ def check_options(*, alpha: float, direction: str, beta: float, temperature: flo
         raise ValueError(f"{where}: temperature={temperature} must be > 0")
 
 
-def check_fused_options(chunk_size: int, grad_mode: str, *, where: str) -> None:
+def check_fused_options(chunk_size: int, grad_mode: str, *, where: str, skip_unweighted: bool = True) -> None:
     if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"{where}: grad_mode={grad_mode!r}; expected one of {GRAD_MODES}")
+    if not isinstance(skip_unweighted, (bool, np.bool_)):
+        raise TypeError(f"{where}: skip_unweighted must be a bool, got {skip_unweighted!r}")
 
 
 def _is_concrete(x: Any) -> bool:

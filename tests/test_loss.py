@@ -473,3 +473,137 @@ def test_token_counts_and_global_normalisers_sum_to_the_big_batch_loss():
     assert _rel(sum(p[0] for p in parts), big) <= 1e-6
     assert _rel(sum(p[1]["kl"] for p in parts), big_aux["kl"]) <= 1e-6
     assert _rel(sum(p[1]["ce"] for p in parts), big_aux["ce"]) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# skip_unweighted: chunks without a weighted (CE target or aligned) position are not projected. Rows whose weighted
+# positions lie in different places (right padding, left padding, two answer segments, none at all), so a wrong
+# reorder, a wrong inverse reorder of the hidden gradient or a wrongly skipped chunk changes values or gradients.
+
+
+def make_skip_batch():
+    labels = np.full((B, T), IGNORE_INDEX, np.int64)
+    mask = np.ones((B, T), np.int64)
+    rng = np.random.default_rng(21)
+    labels[0, 3:7] = rng.integers(0, V, 4)              # right-padded: prompt 3, answer 4, padding 6
+    mask[0, 7:] = 0
+    labels[1, 8:] = rng.integers(0, V, 5)               # left-padded: padding 5, prompt 3, answer 5 (to the end)
+    mask[1, :5] = 0
+    labels[2, 2:5] = rng.integers(0, V, 3)              # two turns: answers at 2..4 and 7..9, padding 10..12
+    labels[2, 7:10] = rng.integers(0, V, 3)
+    mask[2, 10:] = 0
+    # row 3: prompt only (no target: no weight without an alignment term)
+    return jnp.asarray(labels, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+
+SKIP_CASES = [  # (reference hidden?, options): CE only (reorder), ASFT's response KL (reorder), prompt KL (no reorder)
+    (False, dict()),
+    (True, dict(align="response", direction="reverse")),
+    (True, dict(include_padding=False)),
+    (True, dict(align="prompt_without_padding", alpha=0.3)),
+]
+
+
+# chunk_size 8 / 20: scan chunks of 1 / 2 positions per row (chunk_t / SKIP_SPLIT), boundaries inside the weighted
+# region; the prompt-aligning cases keep chunk_t = 2 / 5.
+@pytest.mark.parametrize("grad_mode,chunk_size,case,layouts", [
+    ("precompute", 8, 0, ("dv", "vd")), ("precompute", 20, 0, ("dv",)), ("remat", 8, 0, ("vd",)),
+    ("precompute", 8, 1, ("dv", "vd")), ("precompute", 20, 1, ("dv",)), ("remat", 20, 1, ("dv",)),
+    ("precompute", 8, 2, ("vd",)), ("precompute", 20, 3, ("dv",)),
+])
+def test_skip_unweighted_matches_unfused_and_unskipped(grad_mode, chunk_size, case, layouts):
+    with_ref, opts = SKIP_CASES[case]
+    h, rh, w, _ = make_hidden(21)
+    labels, mask = make_skip_batch()
+    n_t = 20   # an explicit CE denominator (as token-weighted accumulation passes it) flows through unchanged
+
+    def unfused(h, w):
+        logits = jnp.einsum("btd,dv->btv", h, w)
+        if not with_ref:
+            return sft_loss(logits, labels) * (15.0 / n_t)   # 15 targets in this batch; scaled to denominator n_t
+        return selfaug_loss(logits, jnp.einsum("btd,dv->btv", rh, w), labels, attention_mask_bt=mask, **opts)[0]
+
+    def fused(h, w, skip, layout="dv"):
+        head = w if layout == "dv" else w.T
+        if not with_ref:
+            return sft_loss_from_hidden(h, head, labels, chunk_size=chunk_size, grad_mode=grad_mode,
+                                        num_target_tokens=n_t, head_layout=layout, skip_unweighted=skip)[0]
+        return selfaug_loss_from_hidden(h, rh, head, labels, chunk_size=chunk_size, grad_mode=grad_mode,
+                                        attention_mask_bt=mask, head_layout=layout, skip_unweighted=skip,
+                                        **opts)[0]
+
+    assert int(token_counts(labels)[0]) == 15
+    vu, gu = jax.jit(jax.value_and_grad(unfused, argnums=(0, 1)))(h, w)
+    v_off, g_off = jax.jit(jax.value_and_grad(lambda h, w: fused(h, w, False), argnums=(0, 1)))(h, w)
+    for layout in layouts:
+        v_on, g_on = jax.jit(jax.value_and_grad(lambda h, w: fused(h, w, True, layout), argnums=(0, 1)))(h, w)
+        assert _rel(v_on, vu) <= 1e-5 and _rel(v_on, v_off) <= 1e-6
+        for a, b, c in zip(g_on, gu, g_off):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert _grad_rel(a, b) <= 1e-4 and _grad_rel(a, c) <= 1e-5
+    if not with_ref:   # CE only: the gradient is exactly 0 at every position without a target
+        no_target = np.asarray(jnp.concatenate([labels[:, 1:], jnp.full((B, 1), IGNORE_INDEX, jnp.int32)], axis=1)
+                               == IGNORE_INDEX)
+        assert float(jnp.max(jnp.abs(g_on[0][no_target]))) == 0.0
+
+
+@pytest.mark.parametrize("grad_mode", ["precompute", "remat"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_skipped_chunks_are_not_projected(grad_mode, with_ref):
+    """Every row has exactly chunk_t = 3 weighted positions, in different places; after the reorder they fill chunk
+    0 and the other chunks are skipped. NaN hidden states at the unweighted positions therefore never reach the
+    result -- while a projected NaN row gives NaN gradients (0 * NaN in the softmax backward), as the unskipped
+    control shows."""
+    h, rh, w, _ = make_hidden(22)
+    rng = np.random.default_rng(22)
+    labels = np.full((B, T), IGNORE_INDEX, np.int64)
+    for b, start in enumerate((10, 1, 5, 7)):          # targets at start-1 .. start+1
+        labels[b, start:start + 3] = rng.integers(0, V, 3)
+    labels = jnp.asarray(labels, jnp.int32)
+    weighted = np.asarray(jnp.concatenate([labels[:, 1:], jnp.full((B, 1), IGNORE_INDEX)], axis=1) != IGNORE_INDEX)
+    assert weighted.sum(axis=1).tolist() == [3, 3, 3, 3]
+    nan_h = jnp.where(jnp.asarray(weighted)[..., None], h, jnp.nan)
+    opts = dict(align="response") if with_ref else {}
+
+    def fused(h, skip):
+        return selfaug_loss_from_hidden(h, nan_h if with_ref else None, w, labels, chunk_size=12, grad_mode=grad_mode,
+                                        skip_unweighted=skip, **opts)[0]
+
+    def unfused(h):  # the same loss on clean hidden states
+        logits = jnp.einsum("btd,dv->btv", h, w)
+        if not with_ref:
+            return sft_loss(logits, labels)
+        return selfaug_loss(logits, jnp.einsum("btd,dv->btv", jnp.where(jnp.isnan(nan_h), 0.0, nan_h), w), labels,
+                            **opts)[0]
+
+    v, g = jax.jit(jax.value_and_grad(lambda h: fused(h, True)))(nan_h)
+    vu, gu = jax.jit(jax.value_and_grad(unfused))(h)
+    assert np.isfinite(float(v)) and _rel(v, vu) <= 1e-5
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g[~weighted]))) == 0.0
+    assert _grad_rel(g, gu) <= 1e-4
+    _, g_off = jax.jit(jax.value_and_grad(lambda h: fused(h, False)))(nan_h)
+    assert not bool(jnp.all(jnp.isfinite(g_off)))
+
+
+def test_skip_unweighted_empty_batch_bf16_and_config():
+    h, rh, w, _ = make_hidden(23)
+    no_targets = jnp.full((B, T), IGNORE_INDEX, jnp.int32)
+    (v, aux), (gh, gw) = jax.jit(jax.value_and_grad(
+        lambda h_, w_: sft_loss_from_hidden(h_, w_, no_targets, chunk_size=8), argnums=(0, 1), has_aux=True))(h, w)
+    assert float(v) == 0.0 and int(aux["n_target_tokens"]) == 0
+    assert float(jnp.max(jnp.abs(gh))) == 0.0 and float(jnp.max(jnp.abs(gw))) == 0.0
+    # bfloat16 hidden states and head: skipping changes only the summation order.
+    labels, mask = make_skip_batch()
+    hb, wb = h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    for ref in (None, rh.astype(jnp.bfloat16)):
+        runs = [jax.jit(jax.value_and_grad(lambda h_, w_, s=skip: selfaug_loss_from_hidden(
+            h_, ref, w_, labels, chunk_size=8, align="response", skip_unweighted=s)[0], argnums=(0, 1)))(hb, wb)
+            for skip in (True, False)]
+        (v_on, g_on), (v_off, g_off) = runs
+        assert g_on[0].dtype == jnp.bfloat16 and _rel(v_on, v_off) <= 1e-5
+        for a, b in zip(g_on, g_off):
+            assert _grad_rel(a.astype(jnp.float32), b.astype(jnp.float32)) <= 1e-2
+    assert SelfAugLossConfig().skip_unweighted is True
+    assert SelfAugLossConfig(skip_unweighted=False).fused_kwargs()["skip_unweighted"] is False
+    with pytest.raises(TypeError, match="skip_unweighted must be a bool"):
+        SelfAugLossConfig(skip_unweighted="yes")

@@ -53,7 +53,7 @@ _SHARED_KEYS = ("train.methods", "train.sweep", "train.method_overrides")
 
 LOGIT_TERM_KEYS = ("alpha", "direction", "beta", "temperature", "align", "include_padding")
 """``loss.*`` fields that only the fused logit-alignment term reads (``SelfAugLossConfig``; the CE-only path reads
-``chunk_size`` and ``grad_mode`` too, so those are swept for every method)."""
+``chunk_size``, ``grad_mode`` and ``skip_unweighted`` too, so those are swept for every method)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,6 +182,7 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
             batch["labels_bt"],
             chunk_size=cfg.chunk_size,
             grad_mode=cfg.grad_mode,
+            skip_unweighted=cfg.skip_unweighted,
             num_target_tokens=n_target,
             head_layout=layout,
         )
