@@ -62,9 +62,9 @@ keep their layout; they skip only chunks that are unweighted in place (a padded 
 ones up to float summation order. Measured on the shared 2-core CPU box under load (``python bench/loss_skip.py``:
 SmolLM2's tied head D=576 V=49152, 4 x 256 with the last 25% answer, value+grad, arms interleaved in one process):
 the CE-only loss 1.74 -> 0.48 CPU s, SelfAug's 3.23 -> 3.33 (noise: 3.23 -> 3.20 in another round). Whole train
-step, both arms' steps interleaved in one process (bench/results/skip_unweighted_cpu.jsonl): ``lora`` 14.26 ->
-13.75 and 14.54 -> 14.13 CPU s (-3%; under load ~3-4 every step costs ~4x its quiet CPU time, so to be re-measured
-quietly), ``selfaug`` 17.86 -> 17.65 CPU s (unchanged; identical losses).
+step, both arms' steps interleaved in one process (bench/results/skip_unweighted_cpu.jsonl): quiet, ``lora``
+13.51 -> 12.90 CPU s and 7.23 -> 6.83 s wall per step (-4.5% / -5.5%; under load: 14.26 -> 13.75, 14.54 -> 14.13 CPU
+s), ``selfaug`` 17.86 -> 17.65 CPU s under load (unchanged; identical losses).
 
 All functions are pure, jit-able, use static shapes and never sync with the host inside traced code. Options are
 Python values (static under ``jax.jit``). This module (with its helpers in ``loss_checks.py`` and ``chunking.py``)
