@@ -4,9 +4,10 @@ Why: compiling a train step on XLA:CPU (LLVM code generation, HLO passes) alloca
 small C-heap blocks. glibc's ``malloc`` keeps freed blocks that lie below the top of its heap mapped, so the
 process' resident set stays that much larger for the whole run although nothing uses the memory. Measured on the
 SmolLM2-135M ``selfaug`` step, 4 x 256, fp32 (2-core AMD EPYC, 2026-12-02; ``bench/README.md`` "Session 7"): the
-RSS grew by 385 MB during the compile, ``malloc_trim(0)`` right after it returned 263 MB, and the steps' peak RSS
-fell from 3.58 to 3.29 GB. Step time is unchanged: XLA:CPU's per-step temporary buffer is one large allocation,
-which glibc serves with ``mmap`` and unmaps after every step anyway.
+RSS grew by 385 MB during the compile and ``malloc_trim(0)`` right after it returned 263 MB; side by side (fresh
+processes, two rounds; ``bench/results/step_ab_session7_cpu.jsonl``) the steps' peak RSS fell by 345 MB (3.69 ->
+3.35 GB) with no change in step time: XLA:CPU's per-step temporary buffer is one large allocation, which is
+``mmap``-ed and unmapped around every step anyway.
 
 :func:`release_freed_host_memory` calls glibc's ``malloc_trim(0)`` (it also releases free pages in the middle of the
 heap, with ``madvise(MADV_DONTNEED)``; glibc >= 2.8). Where the C library is not glibc (macOS, musl) it does nothing
