@@ -4,11 +4,11 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/torch_reference.py etc.
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
