@@ -142,10 +142,14 @@ class SelfAugLossConfig:
         return dict(alpha=self.alpha, direction=self.direction, beta=self.beta, temperature=self.temperature,
                     align=self.align, include_padding=self.include_padding)
 
+    def chunking_kwargs(self) -> dict[str, Any]:
+        """The fused-only fields (how the vocabulary projection is chunked and differentiated): keyword arguments
+        of both :func:`selfaug_loss_from_hidden` and :func:`sft_loss_from_hidden`."""
+        return dict(chunk_size=self.chunk_size, grad_mode=self.grad_mode, skip_unweighted=self.skip_unweighted)
+
     def fused_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`selfaug_loss_from_hidden`."""
-        return dict(self.loss_kwargs(), chunk_size=self.chunk_size, grad_mode=self.grad_mode,
-                    skip_unweighted=self.skip_unweighted)
+        return dict(self.loss_kwargs(), **self.chunking_kwargs())
 
 
 # ----------------------------------------------------------------------------------------------------------------

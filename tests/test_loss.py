@@ -4,6 +4,7 @@ the fused (hidden-state) implementation, and the objective's properties. Tiny sh
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -605,5 +606,9 @@ def test_skip_unweighted_empty_batch_bf16_and_config():
             assert _grad_rel(a.astype(jnp.float32), b.astype(jnp.float32)) <= 1e-2
     assert SelfAugLossConfig().skip_unweighted is True
     assert SelfAugLossConfig(skip_unweighted=False).fused_kwargs()["skip_unweighted"] is False
+    # the fused-only fields reach the CE-only loss too (the CE-only methods' path in train/objective.py)
+    chunking = SelfAugLossConfig(chunk_size=64, skip_unweighted=False).chunking_kwargs()
+    assert chunking == dict(chunk_size=64, grad_mode="precompute", skip_unweighted=False)
+    assert set(chunking) <= set(inspect.signature(sft_loss_from_hidden).parameters)
     with pytest.raises(TypeError, match="skip_unweighted must be a bool"):
         SelfAugLossConfig(skip_unweighted="yes")

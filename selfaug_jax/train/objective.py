@@ -180,11 +180,9 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
             hidden_btd,
             head,
             batch["labels_bt"],
-            chunk_size=cfg.chunk_size,
-            grad_mode=cfg.grad_mode,
-            skip_unweighted=cfg.skip_unweighted,
             num_target_tokens=n_target,
             head_layout=layout,
+            **cfg.chunking_kwargs(),
         )
     aux = dict(aux)
     if additive:
