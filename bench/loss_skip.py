@@ -1,4 +1,4 @@
-"""A/B of the fused loss' ``skip_unweighted`` (selfaug_jax/loss.py): value+grad CPU time of the loss alone.
+"""A/B of the fused loss' ``skip_unweighted`` (selfaug_jax/fused_loss.py): value+grad CPU time of the loss alone.
 
 SmolLM2-135M's head shape (D=576, V=49152, tied ``[V, D]`` table passed as stored and frozen, as in the LoRA step),
 random hidden states, labels as ``bench/step.py``'s batch (the first 75% of every row prompt, the rest answer).

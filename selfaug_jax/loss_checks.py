@@ -1,4 +1,4 @@
-"""Input validation of :mod:`selfaug_jax.loss` (Python-level, at trace time).
+"""Input validation of :mod:`selfaug_jax.loss` and :mod:`selfaug_jax.fused_loss` (Python-level, at trace time).
 
 Options are checked whenever a loss function is traced; array *values* (label ids in range, a 0/1 attention mask)
 only when the arrays are concrete and fully addressable, so nothing here syncs with the device inside ``jax.jit``.

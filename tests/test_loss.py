@@ -612,3 +612,32 @@ def test_skip_unweighted_empty_batch_bf16_and_config():
     assert set(chunking) <= set(inspect.signature(sft_loss_from_hidden).parameters)
     with pytest.raises(TypeError, match="skip_unweighted must be a bool"):
         SelfAugLossConfig(skip_unweighted="yes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Module layout: loss.py (API + dense) / fused_loss.py / loss_primitives.py.
+
+
+def test_loss_module_reexports_the_split_modules_without_an_import_cycle():
+    """``selfaug_jax.loss`` still offers every public name (the fused losses are the very objects of
+    ``fused_loss``; the option types and ``HEAD_LAYOUTS`` those of ``loss_primitives``), ``fused_loss`` and the
+    decoder import without ``selfaug_jax.loss`` (no cycle), and the decoder checks the one ``HEAD_LAYOUTS``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import selfaug_jax.loss as loss_mod
+    from selfaug_jax import fused_loss, loss_primitives
+    from selfaug_jax.models import decoder
+
+    assert all(hasattr(loss_mod, name) for name in loss_mod.__all__)
+    for name in fused_loss.__all__:
+        assert getattr(loss_mod, name) is getattr(fused_loss, name)
+    for name in loss_primitives.__all__:
+        assert getattr(loss_mod, name) is getattr(loss_primitives, name)
+    assert decoder.HEAD_LAYOUTS is loss_primitives.HEAD_LAYOUTS == ("dv", "vd")
+    code = ("import sys, selfaug_jax.fused_loss, selfaug_jax.models.decoder; "
+            "print(sorted(m for m in ('selfaug_jax.loss', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from selfaug_jax.loss_primitives import HEAD_LAYOUTS
 from selfaug_jax.models.attention import (
     apply_rope,
     grouped_query_attention,
@@ -368,8 +369,8 @@ class DecoderLM(nnx.Module):
     def lm_head_weight(self, layout: str = "dv") -> jnp.ndarray:
         """The output projection, ``[D, V]`` (``layout="dv"``; the transposed embedding table when embeddings are
         tied) or ``[V, D]`` (``"vd"``). ``layout=self.lm_head_layout`` returns the stored array untransposed."""
-        if layout not in ("dv", "vd"):
-            raise ValueError(f"lm_head_weight: layout must be 'dv' or 'vd', got {layout!r}")
+        if layout not in HEAD_LAYOUTS:  # the one definition, shared with the fused loss' head_layout
+            raise ValueError(f"lm_head_weight: layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
         w = self.embed_tokens.embedding[...] if self.lm_head is None else self.lm_head.kernel[...]
         return w if layout == self.lm_head_layout else w.T
 

@@ -149,7 +149,7 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
         hidden_btd, layer_taps = policy.hidden_states(
             batch["input_ids_bt"], dropout_rng=rng, taps=dataclasses.replace(tapped[0], xs=ref_taps), **kwargs)
     # The head in its stored layout ([V, D] for a tied embedding): the fused loss contracts it as it is, with no
-    # transposed copy of the table (selfaug_jax/loss.py, head_layout).
+    # transposed copy of the table (selfaug_jax/fused_loss.py, head_layout).
     layout = policy.lm_head_layout
     head = policy.lm_head_weight(layout)
     if spec.uses_lora:
