@@ -166,8 +166,11 @@ def run(args: argparse.Namespace) -> int:
     from selfaug_jax.experiment.config import build_config
 
     # Persistent XLA compilation cache: a second run (or the default run after the smoke run) skips most compiles.
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # A cache the user configured (JAX_COMPILATION_CACHE_DIR and its thresholds, read by JAX at import) is kept.
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     cfg = build_config(args.preset, overrides_from_args(args))
     if cfg.mesh.distributed:
