@@ -510,4 +510,7 @@ if __name__ == "__main__":
     from selfaug_jax.xla_flags import apply_default_xla_flags  # before JAX creates its backend
 
     apply_default_xla_flags()
+    # compile_s is a figure (issue 16: <= 15 s): compile for real, never from a persistent cache the caller's
+    # environment points at (JAX reads JAX_COMPILATION_CACHE_DIR at import, which happens after this line)
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     main()
