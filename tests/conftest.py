@@ -19,11 +19,10 @@ def _session_compilation_cache() -> None:
     Many tests compile the same program again (the same tiny model's forward, loss or step in another test or
     parameter), and the subprocess tests (``experiments/run.py``, the multi-process and sharding workers, the
     notebook's kernel) and pytest-xdist's workers (spawned by the controller after this runs) inherit the environment,
-    so each distinct program is compiled once per session. Every test
-    still compiles what it runs (the cache starts empty), and counting compilations still works:
-    ``/jax/core/compile/backend_compile_duration`` fires for cache hits too (``tests/test_eval_cache.py``).
-    Measured side by side on the 2-core box (test_train_step + test_loss_terms + test_feature_loss, 53 tests,
-    quiet, 2026-12-02): 227 s -> 181 s. A cache directory set by the caller is used as it is.
+    so each distinct program is compiled once per session. Every test still compiles what it runs (the cache starts
+    empty), and counting compilations still works: ``/jax/core/compile/backend_compile_duration`` fires for cache
+    hits too (``tests/test_eval_cache.py``). What it saves is measured in bench/README.md (Session 8). A cache
+    directory set by the caller is used as it is.
     """
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
