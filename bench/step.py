@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep only the first N decoder layers (load_pretrained's truncation; compile-in-depth check)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype and frozen-parameter dtype (adapters, optimizer state, loss stay float32)")
-    p.add_argument("--remat", choices=("none", "full", "dots", "dots_saveable"), default="dots",
+    p.add_argument("--remat", choices=("none", "full", "dots", "dots_and_acts", "dots_saveable"), default="dots",
                    help="per-layer remat policy (training default: dots)")
     p.add_argument("--attention-chunk", type=int, default=None,
                    help="query-chunk length of attention (default: the model default, 512); 0 = dense attention")

@@ -94,7 +94,7 @@ class ModelSection:
     name: str = "smollm2-135m-instruct"
     dtype: DType = "float32"  # compute dtype
     param_dtype: DType = "float32"  # storage of the frozen base (adapters and optimizer state are always float32)
-    remat: RematPolicy = "dots"  # none | full | dots | dots_saveable (per decoder layer)
+    remat: RematPolicy = "dots"  # none | full | dots | dots_and_acts | dots_saveable (per decoder layer)
     num_layers: PositiveInt | None = None  # keep only the first N decoder layers (smoke tests / debugging)
     # Query-chunk length of attention: sequences longer than this never hold a [b, heads, t, t] float32 score
     # tensor (null: dense attention). Values are unchanged up to float rounding.

@@ -59,7 +59,7 @@ def load_pretrained(
         name_or_path: HF directory, ``.gguf`` file (llama architecture) or ``"smollm2-135m-instruct"``.
         dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); logits are always float32.
         param_dtype: parameter storage dtype; defaults to ``dtype``.
-        remat_policy: per-layer gradient checkpointing ("none", "full", "dots", "dots_saveable").
+        remat_policy: per-layer gradient checkpointing ("none", "full", "dots", "dots_and_acts", "dots_saveable").
         num_layers: keep only the first ``num_layers`` decoder layers (a cheap stand-in model for smoke tests and
             debugging; the checkpoint's deeper layers are skipped).
         attention_chunk: query-chunk length of training / prefill attention; longer sequences are processed in

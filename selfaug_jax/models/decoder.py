@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from selfaug_jax.loss_primitives import HEAD_LAYOUTS
 from selfaug_jax.models.attention import (
@@ -200,8 +201,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q_bthd = self.q_norm(q_bthd)
             k_btkd = self.k_norm(k_btkd)
-        q_bthd = apply_rope(q_bthd, cos_btd, sin_btd)
-        k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
+        q_bthd = checkpoint_name(apply_rope(q_bthd, cos_btd, sin_btd), "q_rope")
+        k_btkd = checkpoint_name(apply_rope(k_btkd, cos_btd, sin_btd), "k_rope")
         new_cache = None
         if kv_cache is not None:
             k_lbskd, v_lbskd = kv_cache
@@ -213,6 +214,7 @@ class Attention(nnx.Module):
             v_btkd = jax.lax.dynamic_index_in_dim(v_lbskd, layer_index, axis=0, keepdims=False)
         if kv_cache is None:  # training / evaluation forward: the configured kernel (attention_kernels.attend)
             out_bthd = attend(q_bthd, k_btkd, v_btkd, mask_bts, impl=self.attention_impl, q_chunk=self.attention_chunk)
+            out_bthd = checkpoint_name(out_bthd, "attn_out")
         else:
             out_bthd = grouped_query_attention(q_bthd, k_btkd, v_btkd, mask_bts, self.attention_chunk)
         return self.o_proj(out_bthd.reshape(b, t, -1), rngs[3]), new_cache
@@ -230,6 +232,7 @@ class MLP(nnx.Module):
     def __call__(self, x_btd: jnp.ndarray, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         rngs = _split_rng(dropout_rng, 3)
         hidden_btf = jax.nn.silu(self.gate_proj(x_btd, rngs[0])) * self.up_proj(x_btd, rngs[1])
+        hidden_btf = checkpoint_name(hidden_btf, "mlp_act")
         return self.down_proj(hidden_btf, rngs[2])
 
 
@@ -265,13 +268,14 @@ class DecoderLayer(nnx.Module):
         """``taps``: a dict that receives this layer's feature taps (``selfaug_jax.models.taps``), or ``None``."""
         attn_rng, mlp_rng = _split_rng(dropout_rng, 2)
         attn_out, new_cache = self.self_attn(
-            self.input_layernorm(x_btd), cos_btd, sin_btd, mask_bts, kv_cache, cache_index, layer_index, attn_rng,
+            checkpoint_name(self.input_layernorm(x_btd), "attn_norm"), cos_btd, sin_btd, mask_bts, kv_cache, cache_index, layer_index, attn_rng,
             taps,
         )
         h_btd = x_btd + attn_out
+        mlp_in_btd = checkpoint_name(self.post_attention_layernorm(h_btd), "mlp_norm")
         if taps is None:
-            return h_btd + self.mlp(self.post_attention_layernorm(h_btd), mlp_rng), new_cache
-        ffn_btd = self.mlp(self.post_attention_layernorm(h_btd), mlp_rng)
+            return h_btd + self.mlp(mlp_in_btd, mlp_rng), new_cache
+        ffn_btd = self.mlp(mlp_in_btd, mlp_rng)
         out_btd = h_btd + ffn_btd
         taps.update(o=attn_out, ffn=ffn_btd, residual=out_btd)
         return out_btd, new_cache
@@ -309,8 +313,8 @@ class DecoderLM(nnx.Module):
         config: the model hyper-parameters.
         dtype: compute dtype (activations, matmul inputs). Logits are always float32.
         param_dtype: storage dtype of the parameters (e.g. float32 master weights with bfloat16 compute).
-        remat_policy: one of ``REMAT_POLICIES`` ("none", "full", "dots", "dots_saveable"): the ``jax.checkpoint``
-            policy of the layer-scan body (training and evaluation forwards; decoding never remats).
+        remat_policy: one of ``REMAT_POLICIES`` ("none", "full", "dots", "dots_and_acts", "dots_saveable"): the
+            ``jax.checkpoint`` policy of the layer-scan body (training and evaluation forwards; decoding never remats).
         attention_chunk: query-chunk length of the attention kernel (see
             :func:`~selfaug_jax.models.attention.grouped_query_attention`): sequences longer than this never hold a
             float32 ``[b, heads, t, t]`` score tensor, which at long context dominates training memory. ``None``

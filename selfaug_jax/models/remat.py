@@ -7,6 +7,12 @@ the start of the backward pass (which XLA:CPU did when the layers were an unroll
 ``ordered_checkpoint`` prevented). Measured under the scan (SmolLM2-135M ``selfaug`` step, 1 x 2048, fp32): XLA temp
 bytes are the same with plain ``jax.checkpoint`` and with the ordered checkpoint (``dots``: 3,531,531,320 vs
 3,531,531,248; ``full``: 1,239,081,696 vs 1,239,081,624), so plain ``jax.checkpoint`` is used.
+
+``dots_and_acts`` keeps, besides the ``dots`` policy's matmul outputs, the layer's cheap-to-store elementwise results
+that feed a matmul (the two RMSNorm outputs, RoPE'd queries and keys, the attention output and the SwiGLU product,
+named with :func:`jax.ad_checkpoint.checkpoint_name` in ``models/decoder.py``): ``O(T)`` per layer, no ``T^2`` term,
+so the backward recomputes only the attention scores and softmax. It trades memory for the elementwise recompute that
+the ``dots`` policy repeats in every backward iteration (bench/README.md, session 10).
 """
 
 from __future__ import annotations
@@ -15,10 +21,17 @@ from typing import Any, Callable
 
 import jax
 
+# Names of the layer's saved-by-name activations (``checkpoint_name`` in models/decoder.py), for ``dots_and_acts``.
+ACTIVATION_NAMES: tuple[str, ...] = ("attn_norm", "q_rope", "k_rope", "attn_out", "mlp_norm", "mlp_act")
+
 # Remat policies of the layer-scan body, by name (``None``: no remat, every activation is kept for the backward).
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_and_acts": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*ACTIVATION_NAMES),
+    ),
 }
