@@ -79,8 +79,10 @@ def categorize(hlo_line: str, name: str, dot_computations: frozenset[str] = froz
 
 COMPONENTS = (  # (component, regex on the op's metadata op_name), first match wins
     ("lora-dropout bits", r"bernoulli|random_bits|threefry|_uniform"),
-    ("loss: head matmuls", r"btd,dv->btv|btv,dv->btd|dv->btv|->btd/dot|,dv->"),
-    ("loss: softmax/KL/CE", r"log_softmax|closed_call/jvp\(\)/|selfaug|_ce_|kl"),
+    # the head as [D, V] ("dv") or as the tied embedding [V, D] ("vd", loss.head_layout)
+    ("loss: head matmuls", r"btd,dv->btv|btv,dv->btd|dv->btv|->btd/dot|,dv->|btd,vd->btv|btv,vd->btd"),
+    # the fused loss's live-chunk branch (its skip_unweighted lax.cond, the only cond in the step) holds the rest
+    ("loss: softmax/KL/CE", r"log_softmax|closed_call/jvp\(\)/|selfaug|_ce_|kl|cond/branch_\d+_fun"),
     ("attention", r"bkgts|btkgd|softmax|attention|one_chunk"),
     ("optimizer", r"adam|clip|global_norm|apply_updates|optax"),
 )
