@@ -58,6 +58,14 @@ def test_flop_model_by_hand(step_bench):
     assert sft["policy_flops"] == 6 * n * tok + 3 * attn
 
 
+def test_remat_choices_are_the_models_policies(step_bench):
+    """``--remat`` lists the policy names by hand (step.py imports no JAX at start-up): every policy is accepted."""
+    from selfaug_jax.models.remat import REMAT_POLICIES
+
+    for name in REMAT_POLICIES:
+        assert step_bench.parse_args(["--method", "selfaug", "--remat", name]).remat == name
+
+
 def test_synthetic_batch_is_75_percent_prompt(step_bench):
     batch = step_bench.synthetic_batch(2, 16, 100, seed=0)
     assert (batch["labels_bt"][:, :12] == -100).all()

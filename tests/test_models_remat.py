@@ -1,6 +1,8 @@
 """The scanned layer stack (``selfaug_jax/models/decoder.py``): one compiled block whatever the depth, remat
 policies that keep values and gradients, and remat that really lowers XLA's temporary memory."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from flax import nnx
 
 from selfaug_jax.models import DecoderLM, ModelConfig
+from selfaug_jax.models.remat import ACTIVATION_NAMES
 
 
 def _config(n_layers: int, windows=None) -> ModelConfig:
@@ -61,6 +64,14 @@ def test_remat_policies_keep_values_and_gradients(policy):
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_dots_and_acts_names_are_the_layers_named_activations():
+    """``ACTIVATION_NAMES`` (models/remat.py) and the ``checkpoint_name`` tags in models/decoder.py are two lists of the
+    same names: a tag renamed in one place only would silently stop being saved."""
+    loss, params = _loss_fn(DecoderLM(_config(2), remat_policy="dots_and_acts", rngs=nnx.Rngs(0)))
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, _ids()))
+    assert set(re.findall(r"name\[name=(\w+)\]", jaxpr)) == set(ACTIVATION_NAMES)
 
 
 def test_full_remat_lowers_temporary_memory():

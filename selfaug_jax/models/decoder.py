@@ -267,9 +267,9 @@ class DecoderLayer(nnx.Module):
     ):
         """``taps``: a dict that receives this layer's feature taps (``selfaug_jax.models.taps``), or ``None``."""
         attn_rng, mlp_rng = _split_rng(dropout_rng, 2)
+        attn_in_btd = checkpoint_name(self.input_layernorm(x_btd), "attn_norm")
         attn_out, new_cache = self.self_attn(
-            checkpoint_name(self.input_layernorm(x_btd), "attn_norm"), cos_btd, sin_btd, mask_bts, kv_cache, cache_index, layer_index, attn_rng,
-            taps,
+            attn_in_btd, cos_btd, sin_btd, mask_bts, kv_cache, cache_index, layer_index, attn_rng, taps
         )
         h_btd = x_btd + attn_out
         mlp_in_btd = checkpoint_name(self.post_attention_layernorm(h_btd), "mlp_norm")
