@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--remat", default="dots")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--hlo-out", default=None)
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--no-trace", action="store_true")

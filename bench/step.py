@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan-unroll", type=int, default=None,
                    help="layers per iteration of the layer scan (model.scan_unroll; default: the model default, 2)")
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--chunk-size", type=int, default=512, help="fused-loss vocabulary chunk (tokens)")
+    p.add_argument("--chunk-size", type=int, default=256, help="fused-loss chunk (tokens; default: SelfAugLossConfig's)")
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (a ShardingPlan, as the runner builds)")
     p.add_argument("--cpu-devices", type=int, default=0, help="fake N CPU devices (XLA host platform)")
     p.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,16 @@ skips the ``[D, V]`` gradient). ``grad_mode="remat"`` instead differentiates thr
 (``jax.checkpoint``) scan body: it recomputes both projections in the backward pass (six matmuls) but supports
 higher-order and forward-mode differentiation.
 
+The precompute chunk (``closed_form=True``, default) writes CE, the forward / reverse KL and their gradient w.r.t.
+the policy logits in closed form (:func:`~selfaug_jax.loss_primitives._ce_divergence_and_grad`): one max and one
+sum over the stacked policy / reference logits, one reduction for the divergence, one elementwise pass for the
+gradient. When policy and reference share the head (every LoRA method), a single ``[2, B, t, D] x [D, V]`` matmul
+writes the stacked logits, so nothing copies two ``[B, t, V]`` arrays into one. Autodiff of the per-token formulas
+(``closed_form=False``, and always for JSD, a temperature other than 1 or ``grad_mode="remat"``) reads and writes
+several more ``[B, t, V]`` intermediates. Measured on the 2-core CPU VM (bench/README.md, session 11; 3 interleaved
+rounds, fresh process per arm): the SmolLM2 ``selfaug`` 4 x 256 step 10-24% faster than the autodiff chunk at 512
+tokens (the previous default) with ``chunk_size=256`` (the new default), 0-12% at 512; losses equal to 6 digits.
+
 Skipping unweighted positions (``skip_unweighted=True``, the default; ``loss.skip_unweighted``): a position counts only
 if it has a CE target or is aligned, so a chunk holding none is not projected at all (a ``lax.cond`` in the scan
 body gives its zero sums and zero hidden gradient). When only the answer positions count -- every method without
@@ -57,7 +67,9 @@ from selfaug_jax.loss_primitives import (
     Direction,
     GradMode,
     HeadLayout,
+    CLOSED_FORM_DIRECTIONS,
     _align_mask_bt,
+    _ce_divergence_and_grad,
     _ce_per_token,
     _compute_dtype,
     _divergence_per_token,
@@ -70,8 +82,8 @@ __all__ = ["SKIP_SPLIT", "selfaug_loss_from_hidden", "sft_loss_from_hidden"]
 
 SKIP_SPLIT = 4
 """With ``skip_unweighted`` and answer-only weights, each ``chunk_size`` chunk is split into this many scan steps
-(the unit of skipping): 128 tokens at the default 512. Measured at the bench shape, the loss alone costs the same
-per projected token from 128 to 1024-token chunks."""
+(the unit of skipping): 64 tokens at the default 256. The ``lora`` step (answer-only) took the same time with 512 and
+256-token chunks in session 11's interleaved A/B (bench/README.md)."""
 
 
 def _answer_only(with_kl: bool, align: str) -> bool:
@@ -87,22 +99,22 @@ def _answer_only(with_kl: bool, align: str) -> bool:
 
 def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | None, lm_head_dv: jax.Array,
                              labels_bt: jax.Array, *, ref_lm_head_dv: jax.Array | None = None,
-                             chunk_size: int = 512, grad_mode: GradMode = "precompute", alpha: float = 0.5,
+                             chunk_size: int = 256, grad_mode: GradMode = "precompute", alpha: float = 0.5,
                              direction: Direction = "forward", beta: float = 0.5, temperature: float = 1.0,
                              align: Align = "prompt", include_padding: bool = True,
                              attention_mask_bt: jax.Array | None = None,
                              num_target_tokens: jax.Array | int | None = None,
                              num_aligned_tokens: jax.Array | int | None = None,
                              head_layout: HeadLayout = "dv", skip_unweighted: bool = True,
-                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                             closed_form: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Memory-efficient SelfAug loss from final hidden states; same values/gradients as :func:`selfaug_loss`.
 
     The logits are ``hidden @ lm_head`` computed in float32 (``preferred_element_type``; float64 for float64
     inputs), one chunk of positions at a time inside a ``lax.scan``: peak temporary memory is a few
     ``[B * chunk_t, V]`` float32 buffers (plus, when differentiating the head with ``grad_mode="precompute"``, the
-    ``[D, V]`` float32 head-gradient accumulator) instead of several ``[B, T, V]`` ones. The default ``chunk_size=512`` keeps
-    value+grad at the Qwen2.5-0.5B shape (D=896, V=151936) near 2.2 GB of temporaries, ~1/13 of the unfused loss
-    (``bench/loss_memory.py``).
+    ``[D, V]`` float32 head-gradient accumulator) instead of several ``[B, T, V]`` ones. The default ``chunk_size=256``
+    keeps value+grad at the Qwen2.5-0.5B shape (D=896, V=151936) near 0.84 GB of temporaries, 1/65 of the unfused
+    loss (1.62 GB at 512; ``bench/loss_memory.py``, bench/results/loss_memory_session11_chunk*_cpu.md).
 
     Args:
       hidden_btd: ``[B, T, D]`` policy final hidden states (after the final norm; any float dtype).
@@ -127,6 +139,12 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
         table's own axis: a ``[D, V]`` view made by transposing outside the loop is a loop operand that XLA:CPU
         materialises as a transposed copy for the whole step (113 MB for SmolLM2's fp32 table; bench/README.md,
         session 6). Values are the same; the head gradient comes back in the head's layout.
+      closed_form: with ``grad_mode="precompute"``, temperature 1 and CE only or a forward / reverse KL (JSD with
+        ``beta`` 0 or 1 included), each chunk takes the CE, the divergence and the policy-logit gradient in closed
+        form (:func:`~selfaug_jax.loss_primitives._ce_divergence_and_grad`) from *one* projection of the stacked
+        policy and reference hidden states when they share the head: no autodiff of ``log_softmax``, no separate
+        ``logsumexp`` for the CE, no copy stacking two logit arrays. ``False`` keeps the autodiff chunk (for A/B
+        measurements; same values up to float rounding). Other options always take the autodiff chunk.
 
     Returns:
       ``(total, aux)`` exactly as :func:`selfaug_loss`. Gradients flow to ``hidden_btd`` and ``lm_head_dv`` only.
@@ -195,6 +213,25 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
     div_kw = dict(direction=direction, beta=beta, temperature=temperature)
 
     hl = head_layout  # einsum subscripts of the head: "dv" or "vd"
+    if direction == "jsd" and beta in (0.0, 1.0):  # the generalized JSD's end points are the two KLs
+        direction = "forward" if beta == 0.0 else "reverse"
+    closed = (closed_form and grad_mode == "precompute" and temperature == 1.0
+              and (not with_kl or direction in CLOSED_FORM_DIRECTIONS))
+
+    def project_stacked(h_btd: jax.Array, rh_btd: jax.Array, hs) -> jax.Array:
+        """``[S, B, T, V]`` logits: the policy's (``S = 1``), or policy and reference (``S = 2``). A shared head
+        projects the stacked hidden states in one matmul, which writes the stacked logits directly."""
+        if not with_kl:
+            return project(h_btd, hs[0])[None]
+        if len(hs) == 1:
+            both_sbtd = jnp.stack([h_btd, rh_btd.astype(h_btd.dtype)])
+            return jnp.einsum(f"sbtd,{hl}->sbtv", both_sbtd, hs[0], preferred_element_type=dtype)
+        return jnp.stack([project(h_btd, hs[0]), project(rh_btd, hs[1])])
+
+    def closed_terms(h_c, rh_c, hs, tgt_c, msk_c, inv):
+        """(CE sum, KL sum, d total / d policy logits) of one chunk in closed form."""
+        return _ce_divergence_and_grad(project_stacked(h_c, rh_c, hs), tgt_c, msk_c, inv[0], alpha * inv[1],
+                                       direction=direction)
 
     def project(h_btd: jax.Array, w_dv: jax.Array) -> jax.Array:
         return jnp.einsum(f"btd,{hl}->btv", h_btd, w_dv, preferred_element_type=dtype)
@@ -231,6 +268,8 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
             h_c, rh_c, tgt_c, msk_c, act_c = xs
 
             def live():
+                if closed:  # the gradient output is dead code here (XLA drops it)
+                    return closed_terms(h_c, rh_c, hs, tgt_c, msk_c, inv)[:2]
                 _, sums = chunk_terms(project(h_c, hs[0]), ref_logits_of(rh_c, hs), tgt_c, msk_c, inv)
                 return sums
             ce_s, kl_s = if_active(act_c, live, lambda: (zero, zero))
@@ -264,10 +303,13 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
                 h_c, rh_c, tgt_c, msk_c, act_c = xs
 
                 def live(dw_acc):
-                    ref_c = ref_logits_of(rh_c, hs)
-                    _, vjp_fn, (ce_s, kl_s) = jax.vjp(lambda lg: chunk_terms(lg, ref_c, tgt_c, msk_c, inv),
-                                                        project(h_c, w_dv), has_aux=True)
-                    (dlogits_btv,) = vjp_fn(jnp.ones((), dtype))
+                    if closed:
+                        ce_s, kl_s, dlogits_btv = closed_terms(h_c, rh_c, hs, tgt_c, msk_c, inv)
+                    else:
+                        ref_c = ref_logits_of(rh_c, hs)
+                        _, vjp_fn, (ce_s, kl_s) = jax.vjp(lambda lg: chunk_terms(lg, ref_c, tgt_c, msk_c, inv),
+                                                            project(h_c, w_dv), has_aux=True)
+                        (dlogits_btv,) = vjp_fn(jnp.ones((), dtype))
                     dh_c = None
                     if want_dh:
                         # With a 16-bit head the chunk's dlogits are rounded to the head's dtype for this matmul
@@ -312,7 +354,7 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
 
 
 def sft_loss_from_hidden(hidden_btd: jax.Array, lm_head_dv: jax.Array, labels_bt: jax.Array, *,
-                         chunk_size: int = 512, grad_mode: GradMode = "precompute",
+                         chunk_size: int = 256, grad_mode: GradMode = "precompute",
                          num_target_tokens: jax.Array | int | None = None,
                          head_layout: HeadLayout = "dv",
                          skip_unweighted: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -114,7 +114,7 @@ class SelfAugLossConfig:
     temperature: float = 1.0
     align: Align = "prompt"
     include_padding: bool = True
-    chunk_size: int = 512
+    chunk_size: int = 256
     grad_mode: GradMode = "precompute"
     # The fused loss skips the vocabulary projections (and gradient matmuls) of chunks holding no position with a CE
     # target or an aligned KL position, after moving each sequence's weighted positions to its front: the CE-only

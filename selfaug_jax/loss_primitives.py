@@ -10,6 +10,8 @@ share one definition of every formula:
 * :func:`_ce_per_token`: ``logsumexp(logits) - logits[target]`` per position.
 * :func:`_divergence_per_token`: forward / reverse KL or the generalized JSD of GKD per position, from one stacked
   ``log_softmax`` of policy and reference.
+* :func:`_ce_divergence_and_grad`: the CE and forward / reverse KL sums with their gradient w.r.t. the policy
+  logits in closed form (the fused loss' fast precompute chunk).
 * :func:`_safe_inverse` (``1 / max(count, 1)``: empty selections give 0, not NaN) and :func:`_compute_dtype`
   (float32, or float64 for float64 inputs).
 
@@ -118,6 +120,76 @@ def _divergence_per_token(logits_f32: jax.Array, ref_logits_f32: jax.Array, *, d
     kl_ref_m = jnp.sum(jnp.exp(logr) * -logm_minus_logr, axis=-1)
     kl_pol_m = jnp.sum(jnp.exp(logp) * -logm_minus_logp, axis=-1)
     return beta * kl_ref_m + (1.0 - beta) * kl_pol_m
+
+
+CLOSED_FORM_DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
+"""The divergences :func:`_ce_divergence_and_grad` writes in closed form (at temperature 1); the fused loss takes
+the autodiff path (:func:`_ce_per_token` + :func:`_divergence_per_token` under ``jax.vjp``) for the others."""
+
+
+def _ce_divergence_and_grad(logits_sbtv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
+                            ce_weight: jax.Array, kl_weight: jax.Array, *,
+                            direction: str = "forward") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """CE sum, divergence sum and their weighted gradient w.r.t. the policy logits, in closed form, in few passes.
+
+    The same numbers as ``sum(_ce_per_token(...))``, ``sum(where(mask, _divergence_per_token(...), 0))`` and
+    ``jax.vjp`` of ``ce_weight * ce_sum + kl_weight * kl_sum`` (the fused loss' precompute chunk), at temperature 1
+    and ``direction`` in :data:`CLOSED_FORM_DIRECTIONS`, up to float rounding. With ``p = softmax(z_policy)``,
+    ``r = softmax(z_ref)`` and ``lp, lr`` their logs, per position:
+
+    * CE: ``-lp[target]``; gradient ``p - onehot(target)``.
+    * forward, ``KL(r || p) = sum r (lr - lp)`` (the released code): gradient ``p - r``.
+    * reverse, ``KL(p || r) = sum p (lp - lr)``: gradient ``p * (lp - lr - KL(p || r))``.
+
+    Autodiff of the reference formulas reads and writes every ``[tokens, V]`` intermediate of ``log_softmax``'s VJP
+    and a separate ``logsumexp`` for the CE; here the normalisers are one max and one sum over the stacked logits
+    and the gradient one elementwise pass (bench/README.md, session 11). The normalisers of policy and reference come
+    from one reduction over the stacked array, as in :func:`_divergence_per_token`, so identical logits give
+    bit-identical log-probabilities: the divergence is exactly 0 and adds exactly 0 to the gradient.
+
+    Args:
+      logits_sbtv: ``[S, B, T, V]`` float logits: ``S = 1`` the policy only (no alignment term), ``S = 2`` policy
+        then reference (no gradient is computed for the reference).
+      targets_bt: shifted targets, ``IGNORE_INDEX`` = no CE term.
+      mask_bt: boolean, the aligned positions (ignored when ``S = 1``).
+      ce_weight, kl_weight: scalars multiplying the CE sum and the divergence sum in the differentiated total.
+      direction: ``"forward"`` or ``"reverse"``.
+
+    Returns:
+      ``(ce_sum, kl_sum, dlogits_btv)``: ``kl_sum`` is 0 when ``S = 1``; ``dlogits_btv`` has the policy logits'
+      shape and dtype.
+    """
+    if direction not in CLOSED_FORM_DIRECTIONS:
+        raise ValueError(f"_ce_divergence_and_grad: direction must be one of {CLOSED_FORM_DIRECTIONS}, "
+                         f"got {direction!r}")
+    # As jax.nn.log_softmax: shifted = z - max, log p = shifted - log(sum(exp(shifted))).
+    zmax_sbt1 = jnp.max(logits_sbtv, axis=-1, keepdims=True)
+    shifted_sbtv = logits_sbtv - zmax_sbt1
+    logz_sbt1 = jnp.log(jnp.sum(jnp.exp(shifted_sbtv), axis=-1, keepdims=True))
+    valid_bt = targets_bt != IGNORE_INDEX
+    safe_bt = jnp.where(valid_bt, targets_bt, 0)
+    # The target's logit is gathered from the logits themselves (no [B, T, V] log-prob buffer for the gather).
+    picked_bt = jnp.take_along_axis(logits_sbtv[0], safe_bt[..., None], axis=-1)[..., 0]
+    nll_bt = logz_sbt1[0, ..., 0] - (picked_bt - zmax_sbt1[0, ..., 0])
+    ce_sum = jnp.sum(jnp.where(valid_bt, nll_bt, 0.0))
+    logp_btv = shifted_sbtv[0] - logz_sbt1[0]
+    p_btv = jnp.exp(logp_btv)
+    onehot_btv = jax.lax.broadcasted_iota(safe_bt.dtype, p_btv.shape, p_btv.ndim - 1) == safe_bt[..., None]
+    ce_w_bt1 = jnp.where(valid_bt, ce_weight, 0.0).astype(p_btv.dtype)[..., None]
+    dlogits_btv = ce_w_bt1 * (p_btv - onehot_btv.astype(p_btv.dtype))
+    if logits_sbtv.shape[0] == 1:
+        return ce_sum, jnp.zeros((), ce_sum.dtype), dlogits_btv
+    logr_btv = shifted_sbtv[1] - logz_sbt1[1]
+    kl_w_bt1 = jnp.where(mask_bt, kl_weight, 0.0).astype(p_btv.dtype)[..., None]
+    if direction == "forward":                           # KL(ref || policy)
+        r_btv = jnp.exp(logr_btv)
+        div_bt = jnp.sum(r_btv * (logr_btv - logp_btv), axis=-1)
+        dlogits_btv = dlogits_btv + kl_w_bt1 * (p_btv - r_btv)
+    else:                                                # KL(policy || ref)
+        div_bt = jnp.sum(p_btv * (logp_btv - logr_btv), axis=-1)
+        dlogits_btv = dlogits_btv + kl_w_bt1 * (p_btv * ((logp_btv - logr_btv) - div_bt[..., None]))
+    kl_sum = jnp.sum(jnp.where(mask_bt, div_bt, 0.0))
+    return ce_sum, kl_sum, dlogits_btv
 
 
 def _safe_inverse(count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
