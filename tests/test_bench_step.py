@@ -179,3 +179,13 @@ def test_abstract_compile_of_a_7b_layer_on_8_fake_devices(step_bench, tmp_path):
     frozen_per_device = 2 * cfg.num_params() / 4
     assert frozen_per_device <= rec["xla_argument_bytes"] <= 1.1 * frozen_per_device
     assert rec["xla_temp_bytes"] > 0 and rec["compile_s"] > 0
+
+
+def test_loss_chunk_bench_parses_arms_and_rejects_bad_ones():
+    """bench/loss_chunk.py's --arms: CHUNK:closed / CHUNK:autodiff, one clear error otherwise."""
+    spec = importlib.util.spec_from_file_location("bench_loss_chunk", ROOT / "bench" / "loss_chunk.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_arms("512:autodiff,256:closed") == [(512, False), (256, True)]
+    with pytest.raises(ValueError, match="'256:fast'"):
+        module.parse_arms("256:fast")
