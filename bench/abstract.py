@@ -134,8 +134,11 @@ def compile_preset(name: str, num_layers: int | None, seq: int | None, log) -> d
     holder: dict[str, Any] = {}
 
     def build():
+        # The model options the runner passes (experiment/runner.py load_model); attention "auto" resolves to the
+        # CPU kernel here, as the fake devices are CPUs.
         model = DecoderLM(model_cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=cfg.model.remat,
-                          attention_chunk=cfg.model.attention_chunk, rngs=nnx.Rngs(0))
+                          attention_chunk=cfg.model.attention_chunk, attention_impl=cfg.model.attention_impl,
+                          scan_unroll=cfg.model.scan_unroll, rngs=nnx.Rngs(0))
         model_def, state = init_train_state(model, "selfaug", optimizer, lora_config=lora_cfg, seed=0)
         holder["model_def"] = model_def  # static graph definitions (no arrays)
         return state
@@ -175,7 +178,8 @@ def compile_preset(name: str, num_layers: int | None, seq: int | None, log) -> d
         "fake_devices": FAKE_DEVICES, "num_layers": model_cfg.num_hidden_layers, "seq": seq,
         "per_device_batch": per_device_batch, "global_batch": global_batch, "grad_accum_steps": accum,
         "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype, "remat": cfg.model.remat,
-        "attention_chunk": cfg.model.attention_chunk, "loss_chunk": cfg.loss.chunk_size, "lora_rank": cfg.lora.rank,
+        "attention_chunk": cfg.model.attention_chunk, "scan_unroll": cfg.model.scan_unroll,
+        "loss_chunk": cfg.loss.chunk_size, "lora_rank": cfg.lora.rank,
         "n_params": model_cfg.num_params(), "lower_s": lower_s, "compile_s": compile_s, **memory,
         "per_device_total_bytes": total, "scaling_estimate_bytes": estimate, "scaling_estimate_gb": estimate / 1e9,
         "jax_version": jax.__version__,
