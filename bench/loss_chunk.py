@@ -1,10 +1,10 @@
 """A/B of the fused loss's precompute chunk: closed form vs autodiff (``closed_form``), across ``chunk_size``.
 
-SmolLM2-135M's head shape (D=576, V=49152, tied ``[V, D]`` table passed as stored and frozen, as in the LoRA step),
-random hidden states (reference = policy + 1% noise), labels as ``bench/step.py``'s batch (the first 75% of every
-row prompt, the rest answer). Every arm is compiled first, then the arms run interleaved ``--reps`` times in this
-one process; one JSON line per arm gives the median wall and process CPU time (all threads) of one value+grad call,
-its loss and KL. XLA flags (e.g. ``--xla_cpu_experimental_ynn_fusion_type=-reduce``) apply to the whole process:
+The inputs and timing loop of ``bench/loss_skip.py`` (``head_inputs``: SmolLM2-135M's head shape D=576, V=49152,
+the tied ``[V, D]`` table passed as stored and frozen, as in the LoRA step; reference = policy + 1% noise; 75%
+prompt labels). Every arm is compiled first, then the arms run interleaved ``--reps`` times in this one process
+(``interleaved_times``); one JSON line per arm gives the median wall and process CPU time (all threads) of one
+value+grad call, its loss and KL. XLA flags (e.g. ``--xla_cpu_experimental_ynn_fusion_type=-reduce``) apply to the whole process:
 compare them in separate invocations.
 
 Usage::
@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from selfaug_jax.loss import selfaug_loss_from_hidden
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_skip import head_inputs, interleaved_times  # noqa: E402  (the same inputs and timing as the skip A/B)
 
-D, V = 576, 49152
+from selfaug_jax.loss import selfaug_loss_from_hidden  # noqa: E402
 
 
 def parse_arms(text: str) -> list[tuple[int, bool]]:
@@ -49,13 +49,7 @@ def main() -> None:
     p.add_argument("--kind", choices=("selfaug", "ce"), default="selfaug", help="ce: no alignment term (lora)")
     a = p.parse_args()
     arms = parse_arms(a.arms)
-    rng = np.random.default_rng(0)
-    emb = jnp.asarray(rng.normal(scale=0.02, size=(V, D)), jnp.float32)
-    h = jnp.asarray(rng.normal(size=(a.batch, a.seq, D)), jnp.float32)
-    rh = h + 0.01 * jnp.asarray(rng.normal(size=h.shape), jnp.float32)
-    labels = rng.integers(0, V, (a.batch, a.seq)).astype(np.int32)
-    labels[:, : int(0.75 * a.seq)] = -100
-    args = (h, rh, emb, jnp.asarray(labels))
+    args = head_inputs(a.batch, a.seq)
 
     def make(chunk: int, closed: bool):
         def loss(h, rh, emb, labels):
@@ -68,16 +62,10 @@ def main() -> None:
     for arm, f in fns.items():
         (total, aux), _ = jax.block_until_ready(f(*args))
         values[arm] = (float(total), float(aux["kl"]))
-    times: dict[tuple[int, bool], list[tuple[float, float]]] = {arm: [] for arm in arms}
-    for _ in range(a.reps):
-        for arm, f in fns.items():
-            c0, w0 = time.process_time(), time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[arm].append((time.perf_counter() - w0, time.process_time() - c0))
-    for (chunk, closed), ts in times.items():
+    for (chunk, closed), ts in interleaved_times(fns, args, a.reps).items():
         print(json.dumps(dict(kind=a.kind, chunk_size=chunk, closed_form=closed, batch=a.batch, seq=a.seq,
-                              median_wall_s=statistics.median(t[0] for t in ts),
-                              median_cpu_s=statistics.median(t[1] for t in ts),
+                              median_wall_s=statistics.median(t[1] for t in ts),
+                              median_cpu_s=statistics.median(t[0] for t in ts),
                               loss=values[(chunk, closed)][0], kl=values[(chunk, closed)][1], reps=a.reps)))
 
 

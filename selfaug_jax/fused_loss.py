@@ -74,6 +74,7 @@ from selfaug_jax.loss_primitives import (
     _ce_per_token,
     _compute_dtype,
     _divergence_per_token,
+    _effective_direction,
     _safe_inverse,
     _shifted_targets_bt,
 )
@@ -214,8 +215,7 @@ def selfaug_loss_from_hidden(hidden_btd: jax.Array, ref_hidden_btd: jax.Array | 
     div_kw = dict(direction=direction, beta=beta, temperature=temperature)
 
     hl = head_layout  # einsum subscripts of the head: "dv" or "vd"
-    if direction == "jsd" and beta in (0.0, 1.0):  # the generalized JSD's end points are the two KLs
-        direction = "forward" if beta == 0.0 else "reverse"
+    direction = _effective_direction(direction, beta)  # JSD at beta 0 / 1 is a KL: closed form too
     closed = (closed_form and grad_mode == "precompute" and temperature == 1.0
               and (not with_kl or direction in CLOSED_FORM_DIRECTIONS))
 

@@ -94,6 +94,15 @@ def _log_mixture_minus_logq(d: jax.Array, beta: float) -> jax.Array:
     return jnp.where(d > 0, pos_branch, neg_branch)
 
 
+def _effective_direction(direction: str, beta: float) -> str:
+    """The generalized JSD's end points are the two KLs: ``jsd`` at ``beta`` 0 is ``forward``, at 1 ``reverse``."""
+    if direction == "jsd" and beta == 0.0:
+        return "forward"
+    if direction == "jsd" and beta == 1.0:
+        return "reverse"
+    return direction
+
+
 def _divergence_per_token(logits_f32: jax.Array, ref_logits_f32: jax.Array, *, direction: str, beta: float,
                           temperature: float) -> jax.Array:
     """Per-position divergence between ``p_ref`` and ``p_policy`` over the last (vocabulary) axis."""
@@ -106,10 +115,7 @@ def _divergence_per_token(logits_f32: jax.Array, ref_logits_f32: jax.Array, *, d
     # differentiated and XLA would otherwise fuse (and round) the two reductions differently.
     both = jax.nn.log_softmax(jnp.stack([logits_f32, ref_logits_f32]), axis=-1)
     logp, logr = both[0], both[1]                        # policy, reference
-    if direction == "jsd" and beta == 0.0:
-        direction = "forward"
-    if direction == "jsd" and beta == 1.0:
-        direction = "reverse"
+    direction = _effective_direction(direction, beta)
     if direction == "forward":                           # KL(ref || policy), released code
         return jnp.sum(jnp.exp(logr) * (logr - logp), axis=-1)
     if direction == "reverse":                           # KL(policy || ref), paper text
