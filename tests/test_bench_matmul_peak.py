@@ -19,7 +19,7 @@ def test_each_variant_runs_in_a_fresh_process_with_its_flags(tmp_path):
     assert [(r["variant"], r["shape_name"], r["dtype"]) for r in rows] == [
         (v, s, d) for v in ("xla", "xla_onednn_dot", "torch") for s in ("square", "projection")
         for d in ("float32", "bfloat16")]
-    assert all(r["gflops"] > 0 and r["cpu_model"] and r["tag"] == "t" for r in rows)
+    assert all(r["gflops"] > 0 and r["cpu_model"] and r["tag"] == "t" and r["crashed_attempts"] in (0, 1) for r in rows)
     square = rows[0]
     assert (square["m"], square["k"], square["n"]) == (64, 64, 64)
     assert (rows[2]["m"], rows[2]["k"], rows[2]["n"]) == (1024, 576, 1536)
@@ -33,3 +33,36 @@ def test_bad_sizes_are_refused_before_any_measurement():
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "--n and --repeats must be >= 1, got --n 0" in proc.stderr and "GFLOP/s" not in proc.stdout
+
+
+def _load_matmul_peak():
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("matmul_peak", ROOT / "bench" / "matmul_peak.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_native_crash_is_rerun_and_counted_but_a_python_error_is_not(tmp_path, capsys):
+    mp = _load_matmul_peak()
+    marker = tmp_path / "crashed_once"
+    # Killed by SIGSEGV on the first attempt only (a native crash), then succeeds.
+    flaky = ("import os, signal, sys\n"
+             f"m = {str(marker)!r}\n"
+             "if not os.path.exists(m):\n"
+             "    open(m, 'w').close(); sys.stderr.write('frame PyObject_CallOneArg\\n'); sys.stderr.flush()\n"
+             "    os.kill(os.getpid(), signal.SIGSEGV)\n"
+             "print('ok')\n")
+    proc, crashes = mp.run_child([sys.executable, "-c", flaky], dict(__import__("os").environ), 1, "v")
+    assert (proc.returncode, crashes, proc.stdout.strip()) == (0, 1, "ok")
+    err = capsys.readouterr().err
+    assert "variant v crashed (signal 11" in err and "PyObject_CallOneArg" in err
+    # Crashing every time: gives up after the allowed reruns and returns the crash.
+    always = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    proc, crashes = mp.run_child([sys.executable, "-c", always], dict(__import__("os").environ), 2, "v")
+    assert (proc.returncode, crashes) == (-11, 2)
+    # A Python error is a bug, not a flaky kernel: no rerun.
+    proc, crashes = mp.run_child([sys.executable, "-c", "raise SystemExit(3)"], dict(__import__("os").environ), 5, "v")
+    assert (proc.returncode, crashes) == (3, 0)
