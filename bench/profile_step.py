@@ -80,7 +80,9 @@ def categorize(hlo_line: str, name: str, dot_computations: frozenset[str] = froz
 COMPONENTS = (  # (component, regex on the op's metadata op_name), first match wins
     ("lora-dropout bits", r"bernoulli|random_bits|threefry|_uniform"),
     # the head as [D, V] ("dv") or as the tied embedding [V, D] ("vd", loss.head_layout)
-    ("loss: head matmuls", r"btd,dv->btv|btv,dv->btd|dv->btv|->btd/dot|,dv->|btd,vd->btv|btv,vd->btd"),
+    # ("sbtd,..->sbtv": policy and reference stacked through one shared head, the closed-form chunk)
+    ("loss: head matmuls",
+     r"btd,dv->btv|btv,dv->btd|dv->btv|->btd/dot|,dv->|btd,vd->btv|btv,vd->btd|sbtd,(dv|vd)->sbtv"),
     # the fused loss's live-chunk branch (its skip_unweighted lax.cond, the only cond in the step) holds the rest
     ("loss: softmax/KL/CE", r"log_softmax|closed_call/jvp\(\)/|selfaug|_ce_|kl|cond/branch_\d+_fun"),
     ("attention", r"bkgts|btkgd|softmax|attention|one_chunk"),

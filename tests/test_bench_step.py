@@ -189,3 +189,20 @@ def test_loss_chunk_bench_parses_arms_and_rejects_bad_ones():
     assert module.parse_arms("512:autodiff,256:closed") == [(512, False), (256, True)]
     with pytest.raises(ValueError, match="'256:fast'"):
         module.parse_arms("256:fast")
+
+
+def test_profile_step_files_each_loss_matmul_under_the_head():
+    """bench/profile_step.py's component table: the head projections (separate, and the closed-form chunk's one
+    stacked policy + reference matmul through a shared head) are head matmuls, not softmax / KL work."""
+    spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "bench" / "profile_step.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    body = "jit(train_step)/jvp()/while/body/closed_call/cond/branch_1_fun"
+
+    def line(op: str) -> str:
+        return '%f = f32[512,49152]{1,0} fusion(%a, %b), metadata={op_name="' + body + "/" + op + '/dot_general"}'
+
+    assert prof.component(line("sbtd,vd->sbtv")) == "loss: head matmuls"
+    assert prof.component(line("sbtd,dv->sbtv")) == "loss: head matmuls"
+    assert prof.component(line("btd,vd->btv")) == "loss: head matmuls"
+    assert prof.component(line("reduce_max")) == "loss: softmax/KL/CE"

@@ -14,6 +14,7 @@ import pytest
 from selfaug_jax.loss import (IGNORE_INDEX, SelfAugLossConfig, selfaug_kl, selfaug_loss, selfaug_loss_from_hidden,
                               sft_loss_from_hidden, token_counts,
                               sft_loss)
+from jaxpr_tools import dot_output_shapes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: several sequences with different prompt lengths, -100 prompt prefixes, responses, -100 trailing padding.
@@ -242,20 +243,6 @@ def test_head_layout_vd_equals_dv(grad_mode, separate_ref_head):
         selfaug_loss_from_hidden(h, rh, w, labels, head_layout="dvv")
 
 
-def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
-    """Output shapes of every ``dot_general`` in a (closed) jaxpr, nested jaxprs (scan bodies, ...) included."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    shapes.extend(_dot_output_shapes(sub))
-    return shapes
-
-
 @pytest.mark.parametrize("with_kl", [True, False])
 def test_frozen_head_gets_no_gradient_work(with_kl):
     """A head that is not differentiated (closed over, or under stop_gradient) costs no [D, V] gradient matmuls in
@@ -277,9 +264,9 @@ def test_frozen_head_gets_no_gradient_work(with_kl):
     g_closed = jax.grad(lambda h: fused(h, w))
     g_stopped = jax.grad(lambda h, w: fused(h, jax.lax.stop_gradient(w)), argnums=(0, 1))
     dv = (D, V)
-    assert dv in _dot_output_shapes(jax.make_jaxpr(g_both)(h, w))  # a trainable head does get them
-    assert dv not in _dot_output_shapes(jax.make_jaxpr(g_closed)(h))
-    assert dv not in _dot_output_shapes(jax.make_jaxpr(g_stopped)(h, w))
+    assert dv in dot_output_shapes(jax.make_jaxpr(g_both)(h, w))  # a trainable head does get them
+    assert dv not in dot_output_shapes(jax.make_jaxpr(g_closed)(h))
+    assert dv not in dot_output_shapes(jax.make_jaxpr(g_stopped)(h, w))
     want = jax.grad(unfused)(h)
     assert _grad_rel(jax.jit(g_closed)(h), want) <= 1e-4
     gh, gw = jax.jit(g_stopped)(h, w)
@@ -342,7 +329,7 @@ def test_closed_form_precompute_equals_autodiff_chunk(opts, separate_ref_head):
     assert _rel(v1, v0) <= 1e-5 and _rel(a1["ce"], a0["ce"]) <= 1e-5 and _rel(a1["kl"], a0["kl"]) <= 1e-5
     for a, b in zip(g1, g0):
         assert _grad_rel(a, b) <= 1e-5
-    stacked_dots = [s for s in _dot_output_shapes(jax.make_jaxpr(grad[1])(h, w)) if len(s) == 4 and s[-1] == V]
+    stacked_dots = [s for s in dot_output_shapes(jax.make_jaxpr(grad[1])(h, w)) if len(s) == 4 and s[-1] == V]
     assert bool(stacked_dots) != separate_ref_head
 
 

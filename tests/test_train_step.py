@@ -16,6 +16,7 @@ from selfaug_jax.models import load_pretrained
 from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
 from selfaug_jax.train.state import init_train_state
 from selfaug_jax.train.step import StepConfig, _accumulate, make_eval_step, make_train_step
+from jaxpr_tools import dot_output_shapes
 from torch_reference import make_tiny_hf_model
 
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
@@ -211,3 +212,15 @@ def test_full_finetuning_methods_run(tiny):
             assert np.isfinite(losses[-1]) and float(metrics["grad_norm"]) > 0
         assert losses[-1] < losses[0]
         assert int(state.step) == 3
+
+
+@pytest.mark.parametrize("method", ["selfaug", "sft-selfaug"])
+def test_lora_step_projects_policy_and_reference_with_one_head_matmul(tiny, method):
+    """LoRA methods share the frozen head between policy and reference, so the fused loss projects both hidden
+    states with one stacked [2, B, t, V] matmul per chunk; full fine-tuning trains the policy's head, so the
+    reference keeps its own head and no stacked projection exists."""
+    d, _ = tiny
+    _, state, step, _, _ = _setup(d, method)
+    jaxpr = jax.make_jaxpr(step)(state, make_batch())
+    stacked = [s for s in dot_output_shapes(jaxpr) if len(s) == 4 and s[0] == 2 and s[-1] == V]
+    assert bool(stacked) == (method == "selfaug")
