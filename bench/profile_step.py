@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--remat", default="dots")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--attention-chunk", type=int, default=None,
+                   help="query-chunk length of the attention (default: the model default; 0: dense)")
     p.add_argument("--hlo-out", default=None)
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--no-trace", action="store_true")
@@ -158,8 +160,11 @@ def main(argv=None) -> None:
     from step import synthetic_batch
 
     dtype = jnp.dtype(args.dtype)
+    from selfaug_jax.models.decoder import DEFAULT_ATTENTION_CHUNK
+
+    attention_chunk = DEFAULT_ATTENTION_CHUNK if args.attention_chunk is None else (args.attention_chunk or None)
     model = load_pretrained(DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
-                            num_layers=args.num_layers)
+                            num_layers=args.num_layers, attention_chunk=attention_chunk)
     optimizer, schedule = make_optimizer(OptimizerConfig(), total_steps=args.steps + 1)
     model_def, state = init_train_state(model, args.method, optimizer, lora_config=LoRAConfig(), seed=0)
     step_fn = make_train_step(model_def, optimizer, schedule, StepConfig(loss=SelfAugLossConfig(chunk_size=args.chunk_size)))
