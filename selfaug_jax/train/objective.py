@@ -161,11 +161,13 @@ def method_loss(model_def, config, trainable, frozen, batch: Batch, rng, normali
     if reference is not None and ref_hidden_btd is None:
         ref_hidden_btd = jax.lax.stop_gradient(reference.hidden_states(batch["input_ids_bt"], **kwargs))
     if logit_term is not None:
-        # LoRA methods: the reference's head *is* the policy's frozen head (same `frozen` leaf; LoRA never adapts
-        # it), so the fused loss is told so (ref_lm_head_dv=None) and projects the stacked policy and reference
-        # hidden states with one matmul per chunk instead of two, with one head operand in its chunk loop
-        # (bench/README.md, session 12). Full fine-tuning trains the policy's head: the reference keeps its own.
-        ref_head = None if spec.uses_lora else jax.lax.stop_gradient(reference.lm_head_weight(layout))
+        # reference="base" (LoRA with the adapters off): the reference's head *is* the policy's frozen head (the
+        # same `frozen` leaf; LoRA never adapts it), so the fused loss is told so (ref_lm_head_dv=None) and projects
+        # the stacked policy and reference hidden states with one matmul per chunk instead of two, with one head
+        # operand in its chunk loop (bench/README.md, session 12). reference="copy" (full fine-tuning) trains the
+        # policy's head: the frozen copy's head is passed on its own.
+        shared_head = spec.reference == "base"
+        ref_head = None if shared_head else jax.lax.stop_gradient(reference.lm_head_weight(layout))
         fused = dict(cfg.fused_kwargs(), align=LOGIT_TERMS[logit_term](config))
         total, aux = loss_lib.selfaug_loss_from_hidden(
             hidden_btd,
