@@ -66,18 +66,3 @@ def test_dropout_mask_rate_shape_and_determinism():
         assert abs((m - half.sum()) - m * p_eff) < 5 * np.sqrt(m * p_eff * (1 - p_eff))
     np.testing.assert_array_equal(keep, np.asarray(dropout_keep_mask(key, (64, 32, 513), rate)))
     assert not np.array_equal(keep, np.asarray(dropout_keep_mask(jax.random.key(4), (64, 32, 513), rate)))
-
-
-@pytest.mark.parametrize("shape", [(64, 32, 513), (4, 256, 576), (7,)])
-def test_fused_dropout_mask_equals_the_concatenated_halves_of_jax_random_bits(shape):
-    """The fused keep mask (a threefry key: each element hashes its own word) is the mask of the jax.random.bits
-    words split into 16-bit halves and concatenated (a raw uint32 key takes that path)."""
-    key = jax.random.key(11)
-    fused = np.asarray(jax.jit(lambda k: dropout_keep_mask(k, shape, 0.3))(key))
-    plain = np.asarray(dropout_keep_mask(jax.random.key_data(key), shape, 0.3))
-    np.testing.assert_array_equal(fused, plain)
-    half = (shape[-1] + 1) // 2
-    words = np.asarray(jax.random.bits(key, shape[:-1] + (half,), jnp.uint32))
-    expect = np.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :shape[-1]] >= dropout_threshold(0.3)
-    np.testing.assert_array_equal(fused, expect)
-

@@ -31,7 +31,6 @@ from selfaug_jax.models.attention import (
 from selfaug_jax.models.attention_kernels import ForwardMask, attend, check_attention_impl
 from selfaug_jax.models.config import ModelConfig
 from selfaug_jax.models.lora_matmul import effective_keep_scale, keep_mask_or_none, lora_update
-from selfaug_jax.models.random_bits import fold_in
 from selfaug_jax.models.remat import REMAT_POLICIES
 from selfaug_jax.models.taps import LayerTaps, TapDict
 
@@ -507,7 +506,7 @@ class DecoderLM(nnx.Module):
             mask = mask_bts if window is None else mask_bts & within_window(q_index_bt, kv_index_bs, window)
             if kv_cache is None:  # the cache-free forward: the mask in every kernel's form (attention_kernels.py)
                 mask = ForwardMask.from_mask_args(mask, mask_args, static_window, window is not None)
-            rng = None if dropout_rng is None else fold_in(dropout_rng, index)
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
             layer = nnx.merge(graphdef, layer_state)
             x_btd, kv_cache = layer(x_btd, cos_btd, sin_btd, mask, kv_cache, cache_index, index, rng, recorded)
             return constrain_activation(x_btd, "hidden_btd"), kv_cache
@@ -564,4 +563,4 @@ def default_positions(attention_mask_bt: jnp.ndarray, segment_ids_bt: jnp.ndarra
 def _split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
     if rng is None:
         return [None] * n
-    return [fold_in(rng, i) for i in range(n)]  # jax.random.fold_in's keys, without its rolled loop (random_bits.py)
+    return [jax.random.fold_in(rng, i) for i in range(n)]

@@ -13,9 +13,7 @@ Why not plain autodiff (measured on XLA:CPU, SmolLM2-135M ``selfaug`` step, 4 x 
   one ``jax.random.bits`` call into two halves, instead of ``jax.random.bernoulli``'s one full float32 uniform per
   element (with ``jax_threefry_partitionable``, the default, narrower ``bits`` dtypes still cost a full 32-bit
   hash each): 3.6 ms vs 14.2 ms CPU for one ``[4, 256, 1536]`` mask, and the mask is drawn twice per layer and step
-  (forward, and again in the remat backward). Since session 12 the words are hashed by
-  :mod:`~selfaug_jax.models.random_bits` (the same bits, as one fused expression instead of XLA:CPU's rolled
-  threefry loop), which XLA fuses into the mask's readers.
+  (forward, and again in the remat backward).
 
 This project's reading of LoRA dropout (PEFT applies ``torch.nn.Dropout(p)`` to the adapter input): an element is
 kept when its 16-bit draw is ``>= round(p * 2**16)``, so the drop probability is ``p`` rounded to a multiple of
@@ -29,13 +27,10 @@ Values equal the autodiff formulation's; gradients equal it up to float summatio
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from selfaug_jax.models.random_bits import bits_at, fast_path, row_major_index
 
 _BITS = 16  # random bits per element of the dropout mask
 
@@ -53,36 +48,14 @@ def effective_keep_scale(rate: float) -> float:
 def dropout_keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jnp.ndarray:
     """Boolean keep mask of ``shape`` (True = keep) for drop probability ``rate`` (see the module docstring).
 
-    The draws are the words of ``jax.random.bits(rng, shape[:-1] + (ceil(n / 2),), uint32)`` (``n = shape[-1]``):
-    the low 16 bits of word ``c`` are the draw of element ``c`` of the last axis, the high 16 bits that of element
-    ``ceil(n / 2) + c``. For a threefry key each element hashes its own word's position
-    (:func:`~selfaug_jax.models.random_bits.bits_at`), so the mask is one fusable expression: no loop, no
-    concatenation, no words array. Other keys draw the words with ``jax.random.bits`` and concatenate the halves;
-    the masks are the same.
+    One ``jax.random.bits`` call draws ``ceil(n / 2)`` 32-bit words along the last axis; their low and high halves are
+    the 16-bit draws of the first and second half of that axis.
     """
-    with jax.named_scope("lora_dropout_mask"):  # the op name bench/profile_step.py files the mask's time under
-        return _keep_mask(rng, tuple(int(d) for d in shape), rate)
-
-
-def _keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jnp.ndarray:
     last = shape[-1]
     half = (last + 1) // 2
-    threshold = jnp.uint32(dropout_threshold(rate))
-    words_shape = shape[:-1] + (half,)
-    if fast_path(rng) and not rng.shape and math.prod(words_shape) < 2**32:
-        col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
-        first = col < jnp.uint32(half)
-        col = jnp.where(first, col, col - jnp.uint32(half))
-        words = bits_at(rng, row_major_index(shape[:-1])[..., None] * jnp.uint32(half) + col)
-        draws = jnp.where(first, words & 0xFFFF, words >> 16)
-    else:
-        words = jax.random.bits(rng, words_shape, jnp.uint32)
-        draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :last]
-    # XLA fuses the hash into each reader of the mask (the custom VJP's backward reads it twice). An
-    # optimization_barrier here did not stop that on XLA:CPU: none was left in the optimized HLO, and the hash sat in
-    # 48 fusions of a 4-layer step (bench/README.md, session 12). Even so the step runs far fewer ops than with the
-    # rolled loop.
-    return draws >= threshold
+    words = jax.random.bits(rng, tuple(shape[:-1]) + (half,), jnp.uint32)
+    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :last]
+    return draws >= jnp.uint32(dropout_threshold(rate))
 
 
 def lora_update(x: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, keep: jnp.ndarray | None, scale: float,
