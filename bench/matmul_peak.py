@@ -99,7 +99,9 @@ def child(variant: str, n_square: int, repeats: int) -> list[dict[str, Any]]:
             fn = measure_torch if variant == "torch" else measure_jax
             flops = fn(m, k, n, dtype, repeats)
             records.append({"variant": variant, "xla_flags": XLA_VARIANTS.get(variant), "shape_name": shape_name,
-                            "m": m, "k": k, "n": n, "dtype": dtype, "gflops": round(flops / 1e9, 1)})
+                            "m": m, "k": k, "n": n, "dtype": dtype,
+                            # 4 significant digits: a tiny --n under load must not round to 0.0
+                            "gflops": float(f"{flops / 1e9:.4g}")})
     return records
 
 
