@@ -157,12 +157,10 @@ def main(argv=None) -> None:
     from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
     from selfaug_jax.train.state import init_train_state
     from selfaug_jax.train.step import StepConfig, make_train_step
-    from step import synthetic_batch
+    from step import attention_chunk_of, synthetic_batch
 
     dtype = jnp.dtype(args.dtype)
-    from selfaug_jax.models.decoder import DEFAULT_ATTENTION_CHUNK
-
-    attention_chunk = DEFAULT_ATTENTION_CHUNK if args.attention_chunk is None else (args.attention_chunk or None)
+    attention_chunk = attention_chunk_of(args.attention_chunk)
     model = load_pretrained(DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
                             num_layers=args.num_layers, attention_chunk=attention_chunk)
     optimizer, schedule = make_optimizer(OptimizerConfig(), total_steps=args.steps + 1)

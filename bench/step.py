@@ -218,6 +218,13 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int):
     return {"input_ids_bt": ids, "labels_bt": labels, "attention_mask_bt": np.ones((batch, seq), np.int32)}
 
 
+def attention_chunk_of(value: int | None) -> int | None:
+    """The model's ``attention_chunk`` for ``--attention-chunk``: unset is the model default, 0 is dense (None)."""
+    from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK
+
+    return DEFAULT_ATTENTION_CHUNK if value is None else (value or None)
+
+
 def peak_fields(peak: dict[str, Any]) -> dict[str, Any]:
     """What a record keeps of the peak it divides by: the value and where / when / under what load it was taken."""
     return {"peak_flops": float(peak["peak_flops"]), "peak_flops_machine": peak.get("machine"),
@@ -238,7 +245,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     from selfaug_jax.host_memory import release_freed_host_memory
     from selfaug_jax.loss import SelfAugLossConfig
     from selfaug_jax.lora import LoRAConfig
-    from selfaug_jax.models import DEFAULT_ATTENTION_CHUNK, DEFAULT_MODEL, DEFAULT_SCAN_UNROLL, load_pretrained
+    from selfaug_jax.models import DEFAULT_MODEL, DEFAULT_SCAN_UNROLL, load_pretrained
     from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
     from selfaug_jax.train.sharding import ShardingPlan
     from selfaug_jax.train.state import init_train_state
@@ -253,7 +260,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(peak))
         return peak
     t0 = time.perf_counter()
-    attention_chunk = DEFAULT_ATTENTION_CHUNK if args.attention_chunk is None else (args.attention_chunk or None)
+    attention_chunk = attention_chunk_of(args.attention_chunk)
     model = load_pretrained(args.model or DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
                             attention_chunk=attention_chunk, attention_impl=args.attention_impl,
                             num_layers=args.num_layers,

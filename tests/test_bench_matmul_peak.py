@@ -2,6 +2,7 @@
 shape x dtype with the machine it ran on."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,14 +58,14 @@ def test_a_native_crash_is_rerun_and_counted_but_a_python_error_is_not(tmp_path,
              "    open(m, 'w').close(); sys.stderr.write('frame PyObject_CallOneArg\\n'); sys.stderr.flush()\n"
              "    os.kill(os.getpid(), signal.SIGSEGV)\n"
              "print('ok')\n")
-    proc, crashes = mp.run_child([sys.executable, "-c", flaky], dict(__import__("os").environ), 1, "v")
+    proc, crashes = mp.run_child([sys.executable, "-c", flaky], dict(os.environ), 1, "v")
     assert (proc.returncode, crashes, proc.stdout.strip()) == (0, 1, "ok")
     err = capsys.readouterr().err
     assert "variant v crashed (signal 11" in err and "PyObject_CallOneArg" in err
     # Crashing every time: gives up after the allowed reruns and returns the crash.
     always = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
-    proc, crashes = mp.run_child([sys.executable, "-c", always], dict(__import__("os").environ), 2, "v")
+    proc, crashes = mp.run_child([sys.executable, "-c", always], dict(os.environ), 2, "v")
     assert (proc.returncode, crashes) == (-11, 2)
     # A Python error is a bug, not a flaky kernel: no rerun.
-    proc, crashes = mp.run_child([sys.executable, "-c", "raise SystemExit(3)"], dict(__import__("os").environ), 5, "v")
+    proc, crashes = mp.run_child([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), 5, "v")
     assert (proc.returncode, crashes) == (3, 0)
