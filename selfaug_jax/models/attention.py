@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from selfaug_jax.chunking import from_chunks, to_chunks
+from selfaug_jax.models.matmul import einsum_f32
 
 # Fill value for masked scores: finite, so a fully masked row (a padding query) gives a uniform softmax, not NaN.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -225,10 +226,8 @@ def _attention_block(
     b, t, h, d = q_bthd.shape
     k_heads = k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, k_heads, h // k_heads, d)
-    scores_bkgts = jnp.einsum(
-        "btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32
-    ) * (1.0 / math.sqrt(d))
+    scores_bkgts = einsum_f32("btkgd,bskd->bkgts", q_btkgd, k_bskd) * (1.0 / math.sqrt(d))
     scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, _MASK_VALUE)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskd.dtype)
-    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts, v_bskd, preferred_element_type=jnp.float32)
+    out_btkgd = einsum_f32("bkgts,bskd->btkgd", probs_bkgts, v_bskd)
     return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)

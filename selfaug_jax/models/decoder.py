@@ -31,7 +31,9 @@ from selfaug_jax.models.attention import (
 from selfaug_jax.models.attention_kernels import ForwardMask, attend, check_attention_impl
 from selfaug_jax.models.config import ModelConfig
 from selfaug_jax.models.lora_matmul import effective_keep_scale, keep_mask_or_none, lora_update
+from selfaug_jax.models.matmul import einsum_f32
 from selfaug_jax.models.remat import REMAT_POLICIES
+from selfaug_jax.models.scan_params import layer_params, scan_inputs
 from selfaug_jax.models.taps import LayerTaps, TapDict
 
 # Query-chunk length of training/prefill attention (``grouped_query_attention``'s ``q_chunk``). Dense attention
@@ -106,7 +108,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jnp.ndarray, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        lead = "abcdefgh"[: x.ndim - 1]  # subscripts of the leading (token) axes
+        y = einsum_f32(f"{lead}i,io->{lead}o", x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         if self.lora_a is not None:
@@ -500,14 +503,15 @@ class DecoderLM(nnx.Module):
         q_index_bt, kv_index_bs = mask_args[0], mask_args[1]
         mask_bts = make_attention_mask(*mask_args, static_window)
         graphdef, stack_state = nnx.split(self.layers)
-        xs = (stack_state, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), windows_l)
+        # 16-bit stacks are sliced as integer bits: XLA:CPU would keep a float32 copy of each (models/scan_params.py)
+        xs = (scan_inputs(stack_state), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), windows_l)
 
         def layer_call(x_btd, layer_state, index, window, kv_cache, recorded=None):
             mask = mask_bts if window is None else mask_bts & within_window(q_index_bt, kv_index_bs, window)
             if kv_cache is None:  # the cache-free forward: the mask in every kernel's form (attention_kernels.py)
                 mask = ForwardMask.from_mask_args(mask, mask_args, static_window, window is not None)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-            layer = nnx.merge(graphdef, layer_state)
+            layer = nnx.merge(graphdef, layer_params(layer_state))
             x_btd, kv_cache = layer(x_btd, cos_btd, sin_btd, mask, kv_cache, cache_index, index, rng, recorded)
             return constrain_activation(x_btd, "hidden_btd"), kv_cache
 

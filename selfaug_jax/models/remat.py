@@ -21,17 +21,22 @@ from typing import Any, Callable
 
 import jax
 
+from selfaug_jax.models.matmul import BATCHED_MATMUL_NAME, MATMUL_NAME
+
 # Names of the layer's saved-by-name activations (``checkpoint_name`` in models/decoder.py), for ``dots_and_acts``.
 ACTIVATION_NAMES: tuple[str, ...] = ("attn_norm", "q_rope", "k_rope", "attn_out", "mlp_norm", "mlp_act")
 
+_policies = jax.checkpoint_policies
+_save_names = _policies.save_only_these_names
+_either = _policies.save_from_both_policies
+
 # Remat policies of the layer-scan body, by name (``None``: no remat, every activation is kept for the backward).
+# The bfloat16 matmuls of models/matmul.py are custom-VJP calls that the dot policies cannot see; their outputs carry
+# MATMUL_NAME / BATCHED_MATMUL_NAME, saved wherever the matching dots are.
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_and_acts": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*ACTIVATION_NAMES),
-    ),
+    "full": _policies.nothing_saveable,
+    "dots": _either(_policies.dots_with_no_batch_dims_saveable, _save_names(MATMUL_NAME)),
+    "dots_saveable": _either(_policies.dots_saveable, _save_names(MATMUL_NAME, BATCHED_MATMUL_NAME)),
+    "dots_and_acts": _either(_policies.dots_with_no_batch_dims_saveable, _save_names(*ACTIVATION_NAMES, MATMUL_NAME)),
 }
