@@ -6,8 +6,11 @@ not pay for (or count in its RSS) the other framework.
 
 Peak FLOP/s cache
 -----------------
-The peak is the best of 5 runs of an ``n x n @ n x n`` matmul (default n = 4096) on the default device, in the
-requested dtype, measured by JAX/XLA with whatever ``XLA_FLAGS`` the process runs under. It is cached as JSON under
+The peak is the best of 5 runs of an ``n x n @ n x n`` matmul (default n = 4096) on the default device, operands in
+the requested dtype and a float32 result (``preferred_element_type``: the form of every matmul of the model, which
+accumulates in float32; XLA:CPU runs a bf16 x bf16 -> bf16 dot through float32 at about half the speed of the
+bf16 x bf16 -> f32 one, bench/README.md "Session 13"), measured by JAX/XLA with whatever ``XLA_FLAGS`` the process
+runs under. It is cached as JSON under
 ``$SELFAUG_JAX_CACHE/bench/`` (default ``~/.cache/selfaug_jax/bench/``), keyed by :func:`machine_key` (platform,
 CPU model or device kind, logical CPU count) and dtype, so a record from one machine is never divided by another
 machine's peak. The cache is never committed; every step record carries the peak it used (``peak_flops``), the
@@ -69,21 +72,22 @@ def peak_cache_dir() -> Path:
 
 
 def measure_peak_flops(n: int, dtype: str, repeats: int = 5) -> dict[str, Any]:
-    """Best-of-``repeats`` FLOP/s of a jitted ``n x n @ n x n`` matmul on JAX's default device."""
+    """Best-of-``repeats`` FLOP/s of a jitted ``n x n @ n x n`` matmul in ``dtype`` with a float32 result on JAX's
+    default device."""
     import jax
     import jax.numpy as jnp
 
     key = jax.random.key(0)
     a = jax.random.normal(key, (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.dtype(dtype))
-    mm = jax.jit(lambda x, y: x @ y)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     mm(a, b).block_until_ready()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         mm(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return {"peak_flops": 2 * n**3 / min(times), "n": n, "dtype": dtype, "times_s": times}
+    return {"peak_flops": 2 * n**3 / min(times), "n": n, "dtype": dtype, "result_dtype": "float32", "times_s": times}
 
 
 def cached_peak_flops(platform_name: str, device_kind: str, dtype: str, *, n: int = 4096, remeasure: bool = False,
@@ -93,8 +97,9 @@ def cached_peak_flops(platform_name: str, device_kind: str, dtype: str, *, n: in
     path = (cache_dir or peak_cache_dir()) / f"peak_flops_{key}_{dtype}.json"
     if path.exists() and not remeasure:
         rec = json.loads(path.read_text())
-        rec["cached"] = True
-        return rec
+        if rec.get("result_dtype") == "float32":  # earlier caches measured a same-dtype result: measured again
+            rec["cached"] = True
+            return rec
     import jax
 
     rec = measure_peak_flops(n, dtype)

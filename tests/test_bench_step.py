@@ -90,6 +90,12 @@ def test_peak_cache_is_per_machine_and_reused(step_bench, peak_cache):
     assert again["cached"] is True and again["peak_flops"] == first["peak_flops"]
     fresh = machine.cached_peak_flops("cpu", "cpu", "float32", n=64, remeasure=True)
     assert fresh["cached"] is False and json.loads(path.read_text())["date"] == fresh["date"]
+    # a cache written before the peak took a float32 result (a same-dtype result) is measured again
+    stale = json.loads(path.read_text())
+    del stale["result_dtype"]
+    path.write_text(json.dumps(stale))
+    redone = machine.cached_peak_flops("cpu", "cpu", "float32", n=64)
+    assert redone["cached"] is False and json.loads(path.read_text())["result_dtype"] == "float32"
     assert machine.machine_key("gpu", "NVIDIA H100 80GB HBM3") == "gpu_nvidia_h100_80gb_hbm3"
 
 
