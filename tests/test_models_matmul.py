@@ -89,11 +89,12 @@ def test_bfloat16_backward_runs_only_bfloat16_matmuls():
 
 def test_batch_dimensions_and_bad_subscripts():
     assert not has_batch_dims("bti,io->bto") and has_batch_dims("btkgd,bskd->bkgts")
-    x = jnp.zeros((2, 3), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"explicit subscripts.*'\.\.\.i,io->\.\.\.o'"):
-        einsum_f32("...i,io->...o", x, x.T)
-    with pytest.raises(ValueError, match=r"'ij,jk->k'"):  # i is summed within one operand: no einsum gradient
-        einsum_f32("ij,jk->k", x, x.T)
+    for dtype in (jnp.bfloat16, jnp.float32):  # refused whatever the dtype, not only on the bf16 path
+        x = jnp.zeros((2, 3), dtype)
+        with pytest.raises(ValueError, match=r"explicit subscripts.*'\.\.\.i,io->\.\.\.o'"):
+            einsum_f32("...i,io->...o", x, x.T)
+        with pytest.raises(ValueError, match=r"'ij,jk->k'"):  # i is summed within one operand: no einsum gradient
+            einsum_f32("ij,jk->k", x, x.T)
 
 
 def _decoder_dots(dtype, policy):

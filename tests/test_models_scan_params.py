@@ -72,7 +72,7 @@ def _float32_copies_of_stacked_params(hlo: str, n_layers: int) -> list[str]:
     into float32 of the same size, whatever the fused computation reshapes them to."""
     params = dict(re.findall(rf"%([\w.\-]+) = (bf16\[{n_layers},[\d,]+\])\S* parameter\(", hlo))
     copies = []
-    for out_dims, op, operand in re.findall(r"= f32\[([\d,]+)\]\S* (convert|fusion)\(%([\w.\-]+)[,)]", hlo):
+    for out_dims, operand in re.findall(r"= f32\[([\d,]+)\]\S* (?:convert|fusion)\(%([\w.\-]+)[,)]", hlo):
         if operand in params and np.prod([int(d) for d in out_dims.split(",")]) == np.prod(
                 [int(d) for d in params[operand][5:-1].split(",")]):
             copies.append(params[operand])

@@ -61,10 +61,10 @@ def einsum_f32(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     dtype and the output carries a ``checkpoint_name`` (see the module docstring). ``spec`` uses explicit subscripts,
     e.g. ``"bti,io->bto"``.
     """
+    batched = has_batch_dims(spec)  # also checks the subscripts, whatever the dtype
     if a.dtype != b.dtype or jnp.dtype(a.dtype) not in NARROW_DTYPES:
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-    out = _narrow_einsum(spec, a, b)
-    return checkpoint_name(out, BATCHED_MATMUL_NAME if has_batch_dims(spec) else MATMUL_NAME)
+    return checkpoint_name(_narrow_einsum(spec, a, b), BATCHED_MATMUL_NAME if batched else MATMUL_NAME)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

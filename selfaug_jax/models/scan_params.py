@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-_BITS_DTYPES = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
+from selfaug_jax.models.matmul import NARROW_DTYPES  # the 16-bit float dtypes
 
 
 class BitsAndValue(NamedTuple):
@@ -37,8 +37,9 @@ def scan_inputs(tree: Any) -> Any:
     """``tree`` with every 16-bit float leaf replaced by a :class:`BitsAndValue` (other leaves unchanged)."""
 
     def wrap(x):
-        bits_dtype = _BITS_DTYPES.get(jnp.dtype(x.dtype))
-        return x if bits_dtype is None else BitsAndValue(jax.lax.bitcast_convert_type(x, bits_dtype), x)
+        if jnp.dtype(x.dtype) not in NARROW_DTYPES:
+            return x
+        return BitsAndValue(jax.lax.bitcast_convert_type(x, jnp.uint16), x)
 
     return jax.tree.map(wrap, tree)
 
