@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from selfaug_jax.models import DecoderLM, ModelConfig
-from selfaug_jax.models.remat import ACTIVATION_NAMES
+from selfaug_jax.models.remat import ACTIVATION_NAMES, ATTENTION_MATMUL_NAME, PROJECTION_NAME
 
 
 def _config(n_layers: int, windows=None) -> ModelConfig:
@@ -67,11 +67,11 @@ def test_remat_policies_keep_values_and_gradients(policy):
 
 
 def test_dots_and_acts_names_are_the_layers_named_activations():
-    """``ACTIVATION_NAMES`` (models/remat.py) and the ``checkpoint_name`` tags in models/decoder.py are two lists of the
-    same names: a tag renamed in one place only would silently stop being saved."""
+    """The names the policies save (models/remat.py) and the ``checkpoint_name`` tags in models/decoder.py and
+    attention.py are the same names: a tag renamed in one place only would silently stop being saved."""
     loss, params = _loss_fn(DecoderLM(_config(2), remat_policy="dots_and_acts", rngs=nnx.Rngs(0)))
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, _ids()))
-    assert set(re.findall(r"name\[name=(\w+)\]", jaxpr)) == set(ACTIVATION_NAMES)
+    assert set(re.findall(r"name\[name=(\w+)\]", jaxpr)) == {*ACTIVATION_NAMES, PROJECTION_NAME, ATTENTION_MATMUL_NAME}
 
 
 def test_full_remat_lowers_temporary_memory():

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from selfaug_jax.chunking import from_chunks, to_chunks
 from selfaug_jax.models.matmul import einsum_f32
+from selfaug_jax.models.remat import ATTENTION_MATMUL_NAME
 
 # Fill value for masked scores: finite, so a fully masked row (a padding query) gives a uniform softmax, not NaN.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -55,13 +56,21 @@ def rope_cos_sin(positions_bt: jnp.ndarray, inv_freq_f: jnp.ndarray) -> tuple[jn
 
 
 def apply_rope(x_bthd: jnp.ndarray, cos_btd: jnp.ndarray, sin_btd: jnp.ndarray) -> jnp.ndarray:
-    """Rotate ``x`` (``[b, t, heads, d]``) by position, HF "rotate_half" convention (not interleaved)."""
+    """Rotate ``x`` (``[b, t, heads, d]``) by position, HF "rotate_half" convention (not interleaved).
+
+    Computed in float32 and rounded once to ``x``'s dtype. HF rounds every operation to a bfloat16 ``x``'s dtype
+    (``q * cos + rotate_half(q) * sin`` with ``cos``/``sin`` cast to it); XLA:CPU has no bfloat16 arithmetic and
+    rounds between every pair of operations, and that chain of converts was the costliest elementwise work of the
+    bf16 step (bench/README.md, session 14). This project's reading: a bfloat16 activation is rounded where it is
+    stored, not inside an elementwise formula. Float32 ``x``: the same operations as before.
+    """
     half = x_bthd.shape[-1] // 2
-    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
+    x_f = x_bthd.astype(jnp.float32)
+    x1, x2 = x_f[..., :half], x_f[..., half:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos = cos_btd[:, :, None, :].astype(x_bthd.dtype)
-    sin = sin_btd[:, :, None, :].astype(x_bthd.dtype)
-    return x_bthd * cos + rotated * sin
+    cos = cos_btd[:, :, None, :].astype(jnp.float32)
+    sin = sin_btd[:, :, None, :].astype(jnp.float32)
+    return (x_f * cos + rotated * sin).astype(x_bthd.dtype)
 
 
 def make_attention_mask(
@@ -226,8 +235,9 @@ def _attention_block(
     b, t, h, d = q_bthd.shape
     k_heads = k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, k_heads, h // k_heads, d)
-    scores_bkgts = einsum_f32("btkgd,bskd->bkgts", q_btkgd, k_bskd) * (1.0 / math.sqrt(d))
+    scores_bkgts = einsum_f32("btkgd,bskd->bkgts", q_btkgd, k_bskd, name=ATTENTION_MATMUL_NAME)
+    scores_bkgts = scores_bkgts * (1.0 / math.sqrt(d))
     scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, _MASK_VALUE)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskd.dtype)
-    out_btkgd = einsum_f32("bkgts,bskd->btkgd", probs_bkgts, v_bskd)
+    out_btkgd = einsum_f32("bkgts,bskd->btkgd", probs_bkgts, v_bskd, name=ATTENTION_MATMUL_NAME)
     return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)

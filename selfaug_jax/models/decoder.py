@@ -32,7 +32,7 @@ from selfaug_jax.models.attention_kernels import ForwardMask, attend, check_atte
 from selfaug_jax.models.config import ModelConfig
 from selfaug_jax.models.lora_matmul import effective_keep_scale, keep_mask_or_none, lora_update
 from selfaug_jax.models.matmul import einsum_f32
-from selfaug_jax.models.remat import REMAT_POLICIES
+from selfaug_jax.models.remat import PROJECTION_NAME, REMAT_POLICIES
 from selfaug_jax.models.scan_params import layer_params, scan_inputs
 from selfaug_jax.models.taps import LayerTaps, TapDict
 
@@ -109,7 +109,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jnp.ndarray, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         x = x.astype(self.dtype)
         lead = "abcdefgh"[: x.ndim - 1]  # subscripts of the leading (token) axes
-        y = einsum_f32(f"{lead}i,io->{lead}o", x, self.kernel[...].astype(self.dtype))
+        y = einsum_f32(f"{lead}i,io->{lead}o", x, self.kernel[...].astype(self.dtype), name=PROJECTION_NAME)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         if self.lora_a is not None:
@@ -234,7 +234,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jnp.ndarray, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         rngs = _split_rng(dropout_rng, 3)
-        hidden_btf = jax.nn.silu(self.gate_proj(x_btd, rngs[0])) * self.up_proj(x_btd, rngs[1])
+        # SiLU and the product in float32, rounded once (as apply_rope; bf16 arithmetic rounds after every op)
+        gate_btf = self.gate_proj(x_btd, rngs[0]).astype(jnp.float32)
+        up_btf = self.up_proj(x_btd, rngs[1]).astype(jnp.float32)
+        hidden_btf = (jax.nn.silu(gate_btf) * up_btf).astype(x_btd.dtype)
         hidden_btf = checkpoint_name(hidden_btf, "mlp_act")
         return self.down_proj(hidden_btf, rngs[2])
 

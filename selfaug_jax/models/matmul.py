@@ -18,11 +18,9 @@ compute dtype, the attention output) the rounding is exact; for the attention sc
 to bfloat16 before ``dq`` / ``dk``, the usual mixed-precision practice (FlashAttention's backward does the same). This
 project's reading: bfloat16 compute means bfloat16 matmul operands in both passes, float32 accumulation.
 
-A custom VJP hides its dot from :mod:`jax.checkpoint` policies (they see one ``custom_vjp_call``), so without more the
-``dots`` remat policy would recompute these matmuls in the backward pass. The narrow path therefore names its output
-(:data:`MATMUL_NAME`, or :data:`BATCHED_MATMUL_NAME` when the einsum has batch dimensions) with
-:func:`jax.ad_checkpoint.checkpoint_name`, and ``models/remat.py``'s policies save those names where they save the
-corresponding dots. The float32 path is unchanged: a plain einsum, no name.
+A custom VJP hides its dot from :mod:`jax.checkpoint`'s dot policies (they see one ``custom_vjp_call``), so the
+remat policies of ``models/remat.py`` save by name: a caller passes ``name=`` and the output carries that
+:func:`jax.ad_checkpoint.checkpoint_name` in every dtype, so a policy saves the same values in float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -32,10 +30,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-
-# Output names of the narrow path, saved by the remat policies that save dots (models/remat.py).
-MATMUL_NAME = "matmul_out"  # no batch dimensions (the projections): saved like dots_with_no_batch_dims_saveable
-BATCHED_MATMUL_NAME = "batched_matmul_out"  # with batch dimensions (attention): saved like dots_saveable
 
 NARROW_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -48,23 +42,19 @@ def _operands_and_output(spec: str) -> tuple[str, str, str]:
     return lhs, rhs, out
 
 
-def has_batch_dims(spec: str) -> bool:
-    """Whether the two-operand einsum ``spec`` has a batch dimension (an index in both operands and the output)."""
-    lhs, rhs, out = _operands_and_output(spec)
-    return bool(set(lhs) & set(rhs) & set(out))
-
-
-def einsum_f32(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+def einsum_f32(spec: str, a: jnp.ndarray, b: jnp.ndarray, *, name: str | None = None) -> jnp.ndarray:
     """``jnp.einsum(spec, a, b, preferred_element_type=float32)``: float32 result of a two-operand einsum.
 
     With both operands bfloat16 (or both float16), the backward pass runs both gradient einsums on operands of that
-    dtype and the output carries a ``checkpoint_name`` (see the module docstring). ``spec`` uses explicit subscripts,
-    e.g. ``"bti,io->bto"``.
+    dtype (see the module docstring). ``spec`` uses explicit subscripts, e.g. ``"bti,io->bto"``. ``name``: a
+    ``checkpoint_name`` for the output (any dtype), for the remat policies; ``None``: unnamed.
     """
-    batched = has_batch_dims(spec)  # also checks the subscripts, whatever the dtype
+    _operands_and_output(spec)  # checks the subscripts, whatever the dtype
     if a.dtype != b.dtype or jnp.dtype(a.dtype) not in NARROW_DTYPES:
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-    return checkpoint_name(_narrow_einsum(spec, a, b), BATCHED_MATMUL_NAME if batched else MATMUL_NAME)
+        out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    else:
+        out = _narrow_einsum(spec, a, b)
+    return out if name is None else checkpoint_name(out, name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
