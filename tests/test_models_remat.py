@@ -66,7 +66,7 @@ def test_remat_policies_keep_values_and_gradients(policy):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
-def test_dots_and_acts_names_are_the_layers_named_activations():
+def test_policy_names_are_the_layers_checkpoint_names():
     """The names the policies save (models/remat.py) and the ``checkpoint_name`` tags in models/decoder.py and
     attention.py are the same names: a tag renamed in one place only would silently stop being saved."""
     loss, params = _loss_fn(DecoderLM(_config(2), remat_policy="dots_and_acts", rngs=nnx.Rngs(0)))
