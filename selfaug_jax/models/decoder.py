@@ -34,6 +34,7 @@ from selfaug_jax.models.lora_matmul import effective_keep_scale, keep_mask_or_no
 from selfaug_jax.models.matmul import einsum_f32
 from selfaug_jax.models.remat import PROJECTION_NAME, REMAT_POLICIES
 from selfaug_jax.models.scan_params import layer_params, scan_inputs
+from selfaug_jax.models.swiglu import swiglu
 from selfaug_jax.models.taps import LayerTaps, TapDict
 
 # Query-chunk length of training/prefill attention (``grouped_query_attention``'s ``q_chunk``). Dense attention
@@ -234,10 +235,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jnp.ndarray, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         rngs = _split_rng(dropout_rng, 3)
-        # SiLU and the product in float32, rounded once (as apply_rope; bf16 arithmetic rounds after every op)
-        gate_btf = self.gate_proj(x_btd, rngs[0]).astype(jnp.float32)
-        up_btf = self.up_proj(x_btd, rngs[1]).astype(jnp.float32)
-        hidden_btf = (jax.nn.silu(gate_btf) * up_btf).astype(x_btd.dtype)
+        # SiLU and the product in float32, rounded once, with a backward that keeps only gate and up (swiglu.py)
+        gate_btf = self.gate_proj(x_btd, rngs[0])
+        up_btf = self.up_proj(x_btd, rngs[1])
+        hidden_btf = swiglu(gate_btf, up_btf).astype(x_btd.dtype)
         hidden_btf = checkpoint_name(hidden_btf, "mlp_act")
         return self.down_proj(hidden_btf, rngs[2])
 
