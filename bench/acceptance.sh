@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every issue-16 acceptance figure, each configuration in a fresh process, on a quiet machine.
 #
-#   bash bench/acceptance.sh              # the full set (~1-1.5 h on the 2-core VM with today's unrolled decoder)
+#   bash bench/acceptance.sh              # the full set (~55 min on the 2-core VM: 3 rounds of each PyTorch comparison)
 #   QUICK=1 bash bench/acceptance.sh      # every mode on small settings (2 layers, short sequences): ~10 min
 #   SKIP="long-context abstract-7b" bash bench/acceptance.sh   # leave out the named configurations (logged as skipped)
+#   VROUNDS=5 DROUNDS=3 bash bench/acceptance.sh  # more interleaved rounds of the PyTorch / dtype comparisons
 #
 # Records are appended to bench/results/{step_cpu,vs_torch_cpu,dtypes_cpu,abstract_7b}.jsonl, all tagged
 # acceptance-<UTC time> (quick runs: quick-<UTC time>); the log goes to bench/results/acceptance_<tag>.log and the
@@ -16,8 +17,11 @@ PY=${PYTHON:-python}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 if [ "${QUICK:-0}" = 1 ]; then
   TAG="quick-$STAMP"; L="--num-layers 2"; SEQ=64; LONG=512; STEPS=2; DSTEPS=4; ABS="--num-layers 1 --seq 512"
+  VROUNDS=${VROUNDS:-1}; DROUNDS=${DROUNDS:-1}
 else
   TAG="acceptance-$STAMP"; L=""; SEQ=256; LONG=8192; STEPS=5; DSTEPS=19; ABS=""
+  # interleaved rounds of the side-by-side speed ratios (their medians, with the range)
+  VROUNDS=${VROUNDS:-3}; DROUNDS=${DROUNDS:-2}
 fi
 LOG=bench/results/acceptance_$TAG.log
 FAILED=()
@@ -38,13 +42,14 @@ echo "acceptance run $TAG on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2
 run peak-fp32 $PY bench/step.py --peak-only --dtype float32
 run peak-bf16 $PY bench/step.py --peak-only --dtype bfloat16
 # 2. selfaug / lora vs the PyTorch HF + PEFT released step, fp32, 4 x 256: tokens/s, step time, peak RSS, MFU,
-#    and (jax side) the compile time of the full model's step
-run vs-torch-selfaug $PY bench/step.py --vs-torch --method selfaug --batch 4 --seq $SEQ --steps $STEPS $L
-run vs-torch-lora $PY bench/step.py --vs-torch --method lora --batch 4 --seq $SEQ --steps $STEPS $L
+#    and (jax side) the compile time of the full model's step; VROUNDS interleaved rounds (median and range)
+run vs-torch-selfaug $PY bench/step.py --vs-torch --rounds $VROUNDS --method selfaug --batch 4 --seq $SEQ --steps $STEPS $L
+run vs-torch-lora $PY bench/step.py --vs-torch --rounds $VROUNDS --method lora --batch 4 --seq $SEQ --steps $STEPS $L
 # 3. compile in depth: the same step truncated to 2 layers (the 30-layer compile_s comes from step 2)
 run compile-2-layers $PY bench/step.py --method selfaug --batch 4 --seq $SEQ --steps 1 --num-layers 2
 # 4. bf16 fast path vs fp32: tokens/s and losses over 20 steps (1 + DSTEPS)
-run bf16-vs-fp32 $PY bench/step.py --compare-dtypes --method selfaug --batch 4 --seq $SEQ --steps $DSTEPS $L
+run bf16-vs-fp32 $PY bench/step.py --compare-dtypes --rounds $DROUNDS --method selfaug --batch 4 --seq $SEQ \
+  --steps $DSTEPS $L
 # 5. long context: selfaug at 1 x 8192 (time and RSS; must stay within 24 GB)
 avail_gb=$(awk '/MemAvailable/ {printf "%d", $2 / 1e6}' /proc/meminfo)
 echo "    MemAvailable before the long run: ${avail_gb} GB" | tee -a "$LOG"

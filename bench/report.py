@@ -106,12 +106,20 @@ def comparison_table(recs: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r['mode']} | {r['method']} | {r['batch']} x {r['seq']} | {r.get('num_layers')} | {names[0]} "
             f"| {names[1]} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} "
-            f"| {a['tokens_per_s'] / b['tokens_per_s']:.2f} | {a['median_step_s']:.2f} | {b['median_step_s']:.2f} "
+            f"| {r['tokens_per_s_ratio']:.2f}{rounds_note(r)} | {a['median_step_s']:.2f} | {b['median_step_s']:.2f} "
             f"| {_f(a.get('steps_peak_rss_mb'), '.0f')} | {_f(b.get('steps_peak_rss_mb'), '.0f')} "
             f"| {_f(_div(a.get('steps_peak_rss_mb'), b.get('steps_peak_rss_mb')), '.2f')} "
             f"| {_f(a.get('compile_s'), '.1f')} | {_f(a.get('mfu'), '.1%')} | {_f(b.get('mfu'), '.1%')} "
             f"| {a['first_loss']:.6f} | {b['first_loss']:.6f} | {check} |")
     return "\n".join(rows)
+
+
+def rounds_note(rec: dict[str, Any], key: str = "tokens_per_s_ratio") -> str:
+    """`` (median of N rounds, range lo-hi)`` for a record of interleaved rounds (bench/side_by_side.py), else ''."""
+    rng = rec.get(f"{key}_range")
+    if rec.get("n_rounds", 1) < 2 or not rng:
+        return ""
+    return f" (median of {rec['n_rounds']} rounds, range {rng[0]:.2f}-{rng[1]:.2f})"
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -162,7 +170,10 @@ def _add_ceiling(add: Callable[..., None], method: str, torch_rec: dict[str, Any
 
     Both sides' MFU use the same FLOP model and the same measured peak, so ``ratio = MFU_ours / MFU_torch`` and
     the ratio can never exceed ``1 / MFU_torch``. When that bound is below the target, the target cannot be met on
-    this machine by any implementation of the same FLOPs.
+    this machine by any implementation of the same FLOPs. The FLOP model counts the LM head on every position; the
+    fused loss's ``skip_unweighted`` projects only the chunks holding a CE target for ``lora`` (the last 25% of each
+    synthetic row), so our ``lora`` step does less than the model's FLOPs and can exceed this bound when the head
+    dominates (a 2-layer model); ``selfaug`` aligns the prompt, weighs every chunk and skips none.
     """
     mfu = torch_rec.get("mfu")
     if not mfu:
@@ -201,8 +212,8 @@ def acceptance_summary(results_dir: str | Path, tag: str) -> str:
                 f"{r:.2f} ({j['compile_s']:.1f} / {two['compile_s']:.1f} s)",
                 "<= 1.5", _verdict(r, 1.5, True))
         add(f"selfaug tok/s vs PyTorch ({shape})", sa["tokens_per_s_ratio"],
-            f"{sa['tokens_per_s_ratio']:.2f}x ({j['tokens_per_s']:.1f} vs {t['tokens_per_s']:.1f} tok/s; "
-            f"{j['median_step_s']:.2f} vs {t['median_step_s']:.2f} s/step)", ">= 2.0x",
+            f"{sa['tokens_per_s_ratio']:.2f}x{rounds_note(sa)} ({j['tokens_per_s']:.1f} vs {t['tokens_per_s']:.1f} "
+            f"tok/s; {j['median_step_s']:.2f} vs {t['median_step_s']:.2f} s/step in the median round)", ">= 2.0x",
             _verdict(sa["tokens_per_s_ratio"], 2.0, False))
         _add_ceiling(add, "selfaug", t, 2.0)
         add("MFU selfaug (this session's peak)", j["mfu"],
@@ -218,12 +229,13 @@ def acceptance_summary(results_dir: str | Path, tag: str) -> str:
             "same weights and batch", _verdict(sa["first_loss_abs_diff"], 1e-4, True))
     if lo:
         add("lora tok/s vs PyTorch", lo["tokens_per_s_ratio"],
-            f"{lo['tokens_per_s_ratio']:.2f}x ({lo['jax']['tokens_per_s']:.1f} vs {lo['torch']['tokens_per_s']:.1f})",
+            f"{lo['tokens_per_s_ratio']:.2f}x{rounds_note(lo)} ({lo['jax']['tokens_per_s']:.1f} vs "
+            f"{lo['torch']['tokens_per_s']:.1f})",
             ">= 1.5x", _verdict(lo["tokens_per_s_ratio"], 1.5, False))
         _add_ceiling(add, "lora", lo["torch"], 1.5)
     if dtypes:
         add("bf16 / fp32 tok/s (selfaug)", dtypes["tokens_per_s_ratio"],
-            f"{dtypes['tokens_per_s_ratio']:.2f}x ({dtypes['bfloat16']['tokens_per_s']:.1f} vs "
+            f"{dtypes['tokens_per_s_ratio']:.2f}x{rounds_note(dtypes)} ({dtypes['bfloat16']['tokens_per_s']:.1f} vs "
             f"{dtypes['float32']['tokens_per_s']:.1f})", ">= 1.7x", _verdict(dtypes["tokens_per_s_ratio"], 1.7, False))
         pk16, pk32 = dtypes["bfloat16"].get("peak_flops"), dtypes["float32"].get("peak_flops")
         if pk16 and pk32:  # what the matmuls themselves allow: the measured 4096^2 matmul peaks of this machine

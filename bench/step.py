@@ -15,11 +15,13 @@ Usage::
     python bench/step.py --method lora --batch 1 --seq 2048 --attention-chunk 0   # dense attention
     python bench/step.py --method selfaug --num-layers 2                     # truncated model (compile in depth)
     python bench/step.py --method selfaug --vs-torch                         # PyTorch HF + PEFT side by side
+    python bench/step.py --method lora --vs-torch --rounds 3                 # 3 interleaved rounds: median, range
     python bench/step.py --method selfaug --compare-dtypes --steps 20        # bf16 vs fp32: speed and losses
     python bench/step.py --abstract                                          # 7B-shaped compile on 8 fake devices
 
 Run every configuration in a fresh process: ``peak_rss_mb`` is the process-wide ``ru_maxrss``. The modes that
-compare two runs (``--vs-torch``, ``--compare-dtypes``) start each side in its own fresh subprocess themselves.
+compare two runs (``--vs-torch``, ``--compare-dtypes``; ``bench/side_by_side.py``) start each side in its own fresh
+subprocess themselves, ``--rounds N`` times each, interleaved; their ratios are medians over rounds, with the range.
 
 FLOP model (``model_flops_per_step``; matmul FLOPs only, 2 FLOPs per multiply-add, no credit for remat recompute)
 ----------------------------------------------------------------------------------------------------------------
@@ -61,7 +63,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ if str(BENCH) not in sys.path:  # sibling helper modules (machine, report, torch
 
 import machine  # noqa: E402  (no JAX / torch at import)
 import report  # noqa: E402
+import side_by_side  # noqa: E402  (no JAX / torch at import)
 
 from selfaug_jax.methods import get_method  # noqa: E402  (no JAX at import)
 
@@ -136,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="attn_implementation of the PyTorch side (default sdpa: its fastest CPU kernel)")
     p.add_argument("--compare-dtypes", action="store_true",
                    help="run float32 and bfloat16 (fresh subprocesses), print tokens/s ratio and loss agreement")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="--vs-torch / --compare-dtypes: run both sides this many times, interleaved in alternating "
+                        "order; ratios are medians over rounds, with their range (bench/side_by_side.py)")
     p.add_argument("--loss-rtol", type=float, default=DEFAULT_LOSS_RTOL,
                    help="--compare-dtypes: max relative |loss_bf16 - loss_fp32| / loss_fp32 over all steps")
     p.add_argument("--abstract", action="store_true",
@@ -159,6 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--vs-torch compares the lora and selfaug steps only")
     if args.vs_torch and args.compare_dtypes:
         p.error("use one of --vs-torch / --compare-dtypes per invocation")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and not (args.vs_torch or args.compare_dtypes):
+        p.error("--rounds applies to --vs-torch and --compare-dtypes only")
     if args.num_layers is not None and args.num_layers < 1:
         p.error(f"--num-layers must be >= 1, got {args.num_layers}")
     return args
@@ -407,85 +416,13 @@ def _lora_defaults() -> dict[str, float]:
     return out
 
 
-def child_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
-    """The command line of one side of a comparison: this invocation's run options plus ``overrides``."""
-    opts = {"method": args.method, "batch": args.batch, "seq": args.seq, "steps": args.steps, "model": args.model,
-            "num_layers": args.num_layers, "dtype": args.dtype, "remat": args.remat,
-            "attention_chunk": args.attention_chunk, "attention_impl": args.attention_impl,
-            "lora_rank": args.lora_rank, "chunk_size": args.chunk_size,
-            "seed": args.seed, "peak_n": args.peak_n, "torch_attn": args.torch_attn, "tag": args.tag,
-            "impl": "jax", "out": "-"}
-    opts.update(overrides)
-    argv = [sys.executable, str(Path(__file__).resolve()), "--json"]
-    for key, value in opts.items():
-        if value is not None:
-            argv += [f"--{key.replace('_', '-')}", str(value)]
-    if args.remeasure_peak and opts["impl"] == "jax":
-        argv.append("--remeasure-peak")
-    return argv
-
-
-def run_child(args: argparse.Namespace, argv: list[str], what: str) -> dict[str, Any]:
-    """Run one side in a fresh process (its progress goes to our stderr); return its JSON record."""
-    log(args, f"{what}: {' '.join(argv[1:])}")
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=os.environ.copy(), check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{what} failed (exit {proc.returncode}); its stdout:\n{proc.stdout[-2000:]}")
-    return json.loads(lines[-1])
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return None if not num or not den else num / den
-
-
 def run_vs_torch(args: argparse.Namespace) -> dict[str, Any]:
-    """Our step and the PyTorch HF + PEFT released step, same weights and batches, one after the other."""
+    """Our step and the PyTorch HF + PEFT released step, same weights and batches (bench/side_by_side.py)."""
     sys.path.insert(0, str(ROOT))
     from selfaug_jax.models import DEFAULT_MODEL, resolve_model_dir  # imports JAX but starts no backend
 
     model_dir = str(resolve_model_dir(args.model or DEFAULT_MODEL))
-    ours = run_child(args, child_argv(args, model=model_dir, impl="jax"), "jax side")
-    theirs = run_child(args, child_argv(args, model=model_dir, impl="torch"), "torch side")
-    theirs["mfu"] = ours["model_flops_per_step"] / theirs["median_step_s"] / ours["peak_flops"]
-    rec = {
-        "mode": "vs-torch", "method": args.method, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-        "num_layers": ours["num_layers"], "model": model_dir, "steps": args.steps,
-        "tokens_per_s_ratio": _ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
-        "step_time_ratio": _ratio(ours["median_step_s"], theirs["median_step_s"]),
-        "peak_rss_ratio": _ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
-        "steps_peak_rss_ratio": _ratio(ours["steps_peak_rss_mb"], theirs["steps_peak_rss_mb"]),
-        "first_loss_abs_diff": abs(ours["first_loss"] - theirs["first_loss"]),
-        "jax": ours, "torch": theirs, "tag": args.tag, **machine.host_fields(),
-    }
-    print(report.comparison_table([rec]), file=sys.stderr)
-    append_record(rec, args.out, RESULTS / f"vs_torch_{ours['platform']}.jsonl")
-    return rec
-
-
-def loss_agreement(fp32_losses: list[float], bf16_losses: list[float], rtol: float) -> dict[str, Any]:
-    """Per-step relative difference of the bf16 losses from the fp32 ones; agreement = all within ``rtol``."""
-    if len(fp32_losses) != len(bf16_losses):
-        raise ValueError(f"loss lists differ in length: {len(fp32_losses)} float32 vs {len(bf16_losses)} bfloat16")
-    rel = [abs(b - f) / max(abs(f), 1e-12) for f, b in zip(fp32_losses, bf16_losses)]
-    return {"loss_max_rel_diff": max(rel), "loss_rel_diffs": rel, "loss_rtol": rtol, "losses_agree": max(rel) <= rtol}
-
-
-def run_compare_dtypes(args: argparse.Namespace) -> dict[str, Any]:
-    """The same step in float32 and bfloat16 (fresh processes): tokens/s ratio and the losses' agreement."""
-    fp32 = run_child(args, child_argv(args, dtype="float32"), "float32 side")
-    bf16 = run_child(args, child_argv(args, dtype="bfloat16"), "bfloat16 side")
-    rec = {
-        "mode": "compare-dtypes", "method": args.method, "batch": args.batch, "seq": args.seq,
-        "num_layers": fp32["num_layers"], "model": fp32["model"], "steps": args.steps,
-        "tokens_per_s_ratio": _ratio(bf16["tokens_per_s"], fp32["tokens_per_s"]),
-        "step_time_ratio": _ratio(bf16["median_step_s"], fp32["median_step_s"]),
-        **loss_agreement(fp32["losses"], bf16["losses"], args.loss_rtol),
-        "float32": fp32, "bfloat16": bf16, "tag": args.tag, **machine.host_fields(),
-    }
-    print(report.comparison_table([rec]), file=sys.stderr)
-    append_record(rec, args.out, RESULTS / f"dtypes_{fp32['platform']}.jsonl")
-    return rec
+    return side_by_side.vs_torch(args, model_dir, lambda msg: log(args, msg), append_record, RESULTS)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -503,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.vs_torch:
         return run_vs_torch(args)
     if args.compare_dtypes:
-        return run_compare_dtypes(args)
+        return side_by_side.compare_dtypes(args, lambda msg: log(args, msg), append_record, RESULTS)
     rec = run_torch(args) if args.impl == "torch" else run_jax(args)
     if args.peak_only:
         return rec

@@ -130,6 +130,7 @@ def test_vs_torch_runs_both_sides_on_the_same_weights_and_batch(step_bench, tiny
     assert abs(theirs["first_kl"]) < 1e-6
     assert rec["first_loss_abs_diff"] < 1e-5 and theirs["first_loss"] == pytest.approx(ours["first_loss"], abs=1e-5)
     assert theirs["n_lora_params"] == ours["n_lora_params"]  # same adapters (rank, targets)
+    assert rec["n_rounds"] == 1
     assert rec["tokens_per_s_ratio"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
     assert theirs["steps_peak_rss_mb"] > 0 and ours["steps_peak_rss_mb"] > 0
     assert json.loads(out.read_text().splitlines()[-1]) == rec
@@ -139,11 +140,11 @@ def test_bf16_losses_agree_with_fp32_over_20_steps(step_bench, tiny_model, tmp_p
     common = ["--method", "selfaug", "--steps", "19", "--model", str(tiny_model), *TINY_ARGS, "--json", "--out", "-"]
     fp32 = step_bench.main(common + ["--dtype", "float32"])
     bf16 = step_bench.main(common + ["--dtype", "bfloat16"])
-    agreement = step_bench.loss_agreement(fp32["losses"], bf16["losses"], step_bench.DEFAULT_LOSS_RTOL)
+    agreement = step_bench.side_by_side.loss_agreement(fp32["losses"], bf16["losses"], step_bench.DEFAULT_LOSS_RTOL)
     assert len(agreement["loss_rel_diffs"]) == 20
     assert agreement["losses_agree"], agreement["loss_rel_diffs"]
     assert agreement["loss_max_rel_diff"] > 0  # bf16 really ran: it is not bitwise the float32 step
-    assert not step_bench.loss_agreement([1.0, 2.0], [1.0, 2.1], 0.02)["losses_agree"]
+    assert not step_bench.side_by_side.loss_agreement([1.0, 2.0], [1.0, 2.1], 0.02)["losses_agree"]
 
 
 def test_scaling_estimate_matches_scaling_md_by_hand(step_bench):
