@@ -45,8 +45,11 @@ run peak-bf16 $PY bench/step.py --peak-only --dtype bfloat16
 #    and (jax side) the compile time of the full model's step; VROUNDS interleaved rounds (median and range)
 run vs-torch-selfaug $PY bench/step.py --vs-torch --rounds $VROUNDS --method selfaug --batch 4 --seq $SEQ --steps $STEPS $L
 run vs-torch-lora $PY bench/step.py --vs-torch --rounds $VROUNDS --method lora --batch 4 --seq $SEQ --steps $STEPS $L
-# 3. compile in depth: the same step truncated to 2 layers (the 30-layer compile_s comes from step 2)
-run compile-2-layers $PY bench/step.py --method selfaug --batch 4 --seq $SEQ --steps 1 --num-layers 2
+# 3. compile in depth: the same step truncated to 2 layers, VROUNDS fresh processes (the 30-layer compile_s comes
+#    from step 2's VROUNDS jax processes; the summary divides their medians)
+for i in $(seq "$VROUNDS"); do
+  run compile-2-layers $PY bench/step.py --method selfaug --batch 4 --seq $SEQ --steps 1 --num-layers 2
+done
 # 4. bf16 fast path vs fp32: tokens/s and losses over 20 steps (1 + DSTEPS)
 run bf16-vs-fp32 $PY bench/step.py --compare-dtypes --rounds $DROUNDS --method selfaug --batch 4 --seq $SEQ \
   --steps $DSTEPS $L

@@ -4,7 +4,8 @@ Each side runs in its own fresh subprocess (``bench/step.py --json ...``), so it
 own. With ``--rounds N`` the two sides run ``N`` times each, interleaved and in alternating order (A B, B A, A B,
 ...), so a drift in the machine's speed over the run (a shared VM's neighbours, thermal state) falls on both sides
 alike. Every round gives its own ratio; the record's ratios (``tokens_per_s_ratio``, ``step_time_ratio``) are the
-**medians over rounds**, ``*_range`` their min and max, and ``rounds`` lists each round's figures. The full side
+**medians over rounds**, ``*_range`` their min and max, and ``rounds`` lists each round's figures (for
+``--vs-torch`` also ``round_compile_s``, our step's compile in that round's fresh process). The full side
 records kept under ``jax`` / ``torch`` (or ``float32`` / ``bfloat16``) are those of the round whose tokens/s ratio is
 nearest the median, so a table row built from them is one real measurement. On the 2-core VM one side's step time
 varied by +-10% between rounds in a noisy hour (bench/README.md, session 14): a single round's ratio carries that
@@ -85,7 +86,7 @@ def median_of_rounds(per_round: list[dict[str, Any]], keys: tuple[str, ...], lea
         out[key] = statistics.median(values) if values else None
         out[f"{key}_range"] = [min(values), max(values)] if values else None
     out["n_rounds"] = len(per_round)
-    out["rounds"] = [{k: r.get(k) for k in (*keys, "round_step_s")} for r in per_round]
+    out["rounds"] = [{k: r.get(k) for k in (*keys, "round_step_s", "round_compile_s")} for r in per_round]
     return out
 
 
@@ -107,6 +108,7 @@ def vs_torch(args: argparse.Namespace, model_dir: str, log: Log, append: Append,
             "steps_peak_rss_ratio": ratio(ours["steps_peak_rss_mb"], theirs["steps_peak_rss_mb"]),
             "first_loss_abs_diff": abs(ours["first_loss"] - theirs["first_loss"]),
             "round_step_s": {"jax": ours["median_step_s"], "torch": theirs["median_step_s"]},
+            "round_compile_s": ours.get("compile_s"),  # our step's compile in this round's fresh process
             "jax": ours, "torch": theirs,
         })
     rec = median_of_rounds(per_round, ("tokens_per_s_ratio", "step_time_ratio", "steps_peak_rss_ratio"),

@@ -32,8 +32,9 @@ class FakeChildren:
         self.calls.append(side)
         t = self.step_s[side][i]
         rec = {"median_step_s": t, "tokens_per_s": 16 / t, "peak_rss_mb": 100.0, "steps_peak_rss_mb": 50.0,
-               "first_loss": 1.0, "num_layers": 2, "model": "m", "platform": "cpu", "model_flops_per_step": 1e9,
-               "peak_flops": 1e10, "losses": self.losses.get(side, [[1.0, 2.0]] * 9)[i], "round": i}
+               "first_loss": 1.0, "num_layers": 30, "model": "m", "platform": "cpu", "model_flops_per_step": 1e9,
+               "peak_flops": 1e10, "losses": self.losses.get(side, [[1.0, 2.0]] * 9)[i], "round": i,
+               "compile_s": 10.0 + i, "mfu": 0.5, "peak_flops_date": "today"}
         return rec
 
 
@@ -73,3 +74,23 @@ def test_one_round_is_the_plain_side_by_side(monkeypatch):
 def test_rounds_must_be_positive():
     with pytest.raises(SystemExit, match="--rounds must be >= 1"):
         side_by_side.interleaved_rounds([("a", ["x"])], 0, lambda m: None)
+
+
+def test_acceptance_summary_divides_the_median_compiles_of_all_rounds(monkeypatch, tmp_path):
+    """The compile-in-depth ratio: median of every round's full-model compile over the median 2-layer compile."""
+    import json
+
+    import report
+
+    monkeypatch.setattr(side_by_side, "run_child", FakeChildren({"jax": [1.0, 1.0, 1.0], "torch": [2.0, 2.0, 2.0]}))
+    rec = side_by_side.vs_torch(_args(tag="acc"), "m", lambda m: None, lambda *a: None, Path("."))
+    assert [r["round_compile_s"] for r in rec["rounds"]] == [10.0, 11.0, 12.0]
+    two_layer = [{"impl": "jax", "method": "selfaug", "num_layers": 2, "batch": 4, "seq": 8, "median_step_s": 0.1,
+                  "compile_s": c, "tag": "acc"} for c in (9.0, 7.0, 8.0)]
+    (tmp_path / "vs_torch_cpu.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "step_cpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in two_layer))
+    table = report.acceptance_summary(tmp_path, "acc")
+    assert "| compile s, selfaug 2 x 8, 30 layers | 11.0 s (10.0-12.0 s over 3 runs) | <= 15 s | met |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| compile 30 / 2 layers"))
+    assert "1.38 (11.0 / 8.0 s; medians of 30 layers 10.0-12.0 s over 3 runs, 2 layers 7.0-9.0 s over 3 runs)" in row
+    assert row.endswith("| <= 1.5 | met |")
