@@ -13,7 +13,7 @@ input's dtype::
     s = sigmoid(gate);  d_up = g * gate * s;  d_gate = g * up * s * (1 + gate * (1 - s))
 
 (``d silu(x) / dx = s + x s (1 - s)``). The values are the autodiff ones up to float rounding; float32 models run the
-same formula as before.
+same forward formula as before.
 
 Why the barrier in the backward: under ``full`` remat the backward recomputes the product (the down projection's
 input) and needs both gradients, three consumers of ``sigmoid(gate)``. XLA's CSE merges the three sigmoids into one
@@ -24,8 +24,10 @@ keeps each gradient's sigmoid apart, so each is fused into its own gradient's lo
 --abstract`` (per device): ``tpu-v5p-7b`` 71.78 -> 70.54 GB, session 13's total with the bf16 product; the 2-layer
 compile 31.36 -> 30.34 GB (30.12 with the bf16 product; one barrier shared by both gradients: 31.36). The price on
 CPU is two more ``exp`` per ``[B, T, F]`` element in the backward: +0.035 s per SmolLM2 bf16 ``selfaug`` step in
-XLA's op profile (0.5%; bench/README.md "Session 15"). Only first-order reverse-mode differentiation is defined (``jax.custom_vjp``), which is all
-the train step and every evaluation use.
+XLA's op profile (0.5%; bench/README.md "Session 15").
+
+Only first-order reverse-mode differentiation is defined (``jax.custom_vjp``), which is all the train step and every
+evaluation use.
 """
 
 from __future__ import annotations
