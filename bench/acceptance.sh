@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every issue-16 acceptance figure, each configuration in a fresh process, on a quiet machine.
 #
-#   bash bench/acceptance.sh              # the full set (~55 min on the 2-core VM: 3 rounds of each PyTorch comparison)
-#   QUICK=1 bash bench/acceptance.sh      # every mode on small settings (2 layers, short sequences): ~10 min
+#   bash bench/acceptance.sh              # the full set (47 min on the 2-core VM, session 15: 3 rounds of each PyTorch comparison)
+#   QUICK=1 bash bench/acceptance.sh      # every mode on small settings (2 layers, short sequences): a few minutes
 #   SKIP="long-context abstract-7b" bash bench/acceptance.sh   # leave out the named configurations (logged as skipped)
 #   VROUNDS=5 DROUNDS=3 bash bench/acceptance.sh  # more interleaved rounds of the PyTorch / dtype comparisons
 #

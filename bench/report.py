@@ -109,7 +109,7 @@ def comparison_table(recs: list[dict[str, Any]]) -> str:
             f"| {names[1]} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} "
             f"| {r['tokens_per_s_ratio']:.2f}{rounds_note(r)} | {a['median_step_s']:.2f} | {b['median_step_s']:.2f} "
             f"| {_f(a.get('steps_peak_rss_mb'), '.0f')} | {_f(b.get('steps_peak_rss_mb'), '.0f')} "
-            f"| {_f(_div(a.get('steps_peak_rss_mb'), b.get('steps_peak_rss_mb')), '.2f')} "
+            f"| {_f(ratio(a.get('steps_peak_rss_mb'), b.get('steps_peak_rss_mb')), '.2f')} "
             f"| {_f(a.get('compile_s'), '.1f')} | {_f(a.get('mfu'), '.1%')} | {_f(b.get('mfu'), '.1%')} "
             f"| {a['first_loss']:.6f} | {b['first_loss']:.6f} | {check} |")
     return "\n".join(rows)
@@ -123,8 +123,9 @@ def rounds_note(rec: dict[str, Any], key: str = "tokens_per_s_ratio") -> str:
     return f" (median of {rec['n_rounds']} rounds, range {rng[0]:.2f}-{rng[1]:.2f})"
 
 
-def _div(a: float | None, b: float | None) -> float | None:
-    return None if not a or not b else a / b
+def ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``; ``None`` when either is missing or zero (a side that did not measure it)."""
+    return None if not num or not den else num / den
 
 
 def abstract_table(recs: list[dict[str, Any]]) -> str:

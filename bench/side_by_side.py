@@ -60,10 +60,6 @@ def run_child(argv: list[str], what: str, log: Log) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def ratio(num: float | None, den: float | None) -> float | None:
-    return None if not num or not den else num / den
-
-
 def interleaved_rounds(sides: list[tuple[str, list[str]]], rounds: int, log: Log) -> list[dict[str, dict]]:
     """Run every side ``rounds`` times, alternating the order each round; one ``{name: record}`` per round."""
     if rounds < 1:
@@ -102,10 +98,10 @@ def vs_torch(args: argparse.Namespace, model_dir: str, log: Log, append: Append,
         per_round.append({
             "mode": "vs-torch", "method": args.method, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
             "num_layers": ours["num_layers"], "model": model_dir, "steps": args.steps,
-            "tokens_per_s_ratio": ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
-            "step_time_ratio": ratio(ours["median_step_s"], theirs["median_step_s"]),
-            "peak_rss_ratio": ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
-            "steps_peak_rss_ratio": ratio(ours["steps_peak_rss_mb"], theirs["steps_peak_rss_mb"]),
+            "tokens_per_s_ratio": report.ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
+            "step_time_ratio": report.ratio(ours["median_step_s"], theirs["median_step_s"]),
+            "peak_rss_ratio": report.ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
+            "steps_peak_rss_ratio": report.ratio(ours["steps_peak_rss_mb"], theirs["steps_peak_rss_mb"]),
             "first_loss_abs_diff": abs(ours["first_loss"] - theirs["first_loss"]),
             "round_step_s": {"jax": ours["median_step_s"], "torch": theirs["median_step_s"]},
             "round_compile_s": ours.get("compile_s"),  # our step's compile in this round's fresh process
@@ -137,8 +133,8 @@ def compare_dtypes(args: argparse.Namespace, log: Log, append: Append, results: 
         per_round.append({
             "mode": "compare-dtypes", "method": args.method, "batch": args.batch, "seq": args.seq,
             "num_layers": fp32["num_layers"], "model": fp32["model"], "steps": args.steps,
-            "tokens_per_s_ratio": ratio(bf16["tokens_per_s"], fp32["tokens_per_s"]),
-            "step_time_ratio": ratio(bf16["median_step_s"], fp32["median_step_s"]),
+            "tokens_per_s_ratio": report.ratio(bf16["tokens_per_s"], fp32["tokens_per_s"]),
+            "step_time_ratio": report.ratio(bf16["median_step_s"], fp32["median_step_s"]),
             **loss_agreement(fp32["losses"], bf16["losses"], args.loss_rtol),
             "round_step_s": {"float32": fp32["median_step_s"], "bfloat16": bf16["median_step_s"]},
             "float32": fp32, "bfloat16": bf16,
