@@ -1,8 +1,8 @@
 """``bench/step.py --abstract``: compile the 7B ``selfaug`` step of every shipped 7B preset without any weights.
 
 Scale by simulation (issue 16, item 7). For each preset's mesh, the Qwen2.5-7B-shaped model (config only:
-:data:`QWEN25_7B_CONFIG`, the public ``config.json`` fields of Qwen/Qwen2.5-7B-Instruct, the same numbers as
-``docs/SCALING.md`` section 2) is built under ``jax.eval_shape`` -- parameters, LoRA adapters and Adam state are
+``bench/model_shapes.py``'s :data:`QWEN25_7B_CONFIG`, the public ``config.json`` fields of
+Qwen/Qwen2.5-7B-Instruct, the same numbers as ``docs/SCALING.md`` section 2) is built under ``jax.eval_shape`` -- parameters, LoRA adapters and Adam state are
 ``jax.ShapeDtypeStruct`` s, nothing is allocated -- and the real ``make_train_step`` (with the preset's
 ``ShardingPlan``, dtype, remat, LoRA rank, loss chunk and micro-batch) is lowered and compiled for
 :data:`FAKE_DEVICES` fake CPU devices (``jax_num_cpu_devices``). Each record holds the compile time and XLA's
@@ -33,17 +33,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from model_shapes import QWEN25_7B_CONFIG  # bench/ sibling (bench/ is on sys.path, as for step.py's helpers)
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 FAKE_DEVICES = 8
-
-# Qwen/Qwen2.5-7B-Instruct config.json (the fields the model uses).
-QWEN25_7B_CONFIG: dict[str, Any] = {
-    "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
-    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
-    "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645,
-}
 
 # preset -> mesh / data overrides for presets whose shipped model is not the 7B (their comment's 7B setting).
 PRESETS_7B: dict[str, dict[str, Any]] = {

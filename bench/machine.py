@@ -97,7 +97,8 @@ def cached_peak_flops(platform_name: str, device_kind: str, dtype: str, *, n: in
     path = (cache_dir or peak_cache_dir()) / f"peak_flops_{key}_{dtype}.json"
     if path.exists() and not remeasure:
         rec = json.loads(path.read_text())
-        if rec.get("result_dtype") == "float32":  # earlier caches measured a same-dtype result: measured again
+        # earlier caches measured a same-dtype result, or another matmul size: measured again
+        if rec.get("result_dtype") == "float32" and rec.get("n") == n:
             rec["cached"] = True
             return rec
     import jax

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--attention-chunk", type=int, default=None,
                    help="query-chunk length of the attention (default: the model default; 0: dense)")
+    p.add_argument("--shape", default=None, help="random weights of a bench/model_shapes.py shape (no checkpoint)")
+    p.add_argument("--attention-impl", default="auto", help="model.attention_impl (auto: cudnn on GPU)")
+    p.add_argument("--trace-out", default=None, help="also copy the trace's .xplane.pb here (read it offline)")
     p.add_argument("--hlo-out", default=None)
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--no-trace", action="store_true")
@@ -146,6 +150,63 @@ def census(hlo_text: str) -> None:
         print(f"{name}: {n} instr; " + ", ".join(f"{k[:-1]}={v}" for k, v in counts.items() if v))
 
 
+# Accelerator kernels that are matrix products or fused attention, by name (cuBLAS / CUTLASS / cuDNN / Triton).
+# Seen on an H200 (jax 0.11.2): cuBLAS "nvjet_sm90_*", Triton "gemm_fusion_dot*", cuDNN "*_sdpa_*_flash_*".
+_GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|matmul|_dot_", re.I)
+_ATTENTION_KERNEL = re.compile(r"sdpa|flash|fmha", re.I)
+
+
+def device_kernel_profile(data, line_of: dict, dot_computations: frozenset[str], steps: int, top: int) -> None:
+    """GPU / TPU: total kernel time per category from the device planes' kernel (stream) lines.
+
+    A kernel is a matmul or fused attention by its name (cuBLAS / Triton GEMM / cuDNN), else categorized from its
+    HLO instruction (the ``hlo_op`` stat) like the CPU thunks; its component comes from that instruction. Run with
+    ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` on a GPU: inside a command buffer (a CUDA graph) kernels are
+    traced as one ``command_buffer_N`` event each, with no HLO instruction. Printed next to the
+    sum: the step's device-busy time, so idle gaps between kernels (launch or host waits) show as the difference
+    from the wall time."""
+    per_kernel, per_cat, per_comp = collections.Counter(), collections.Counter(), collections.Counter()
+    busy_ns, first, last = 0, None, None
+    for plane in data.planes:
+        if not plane.name.startswith(("/device:GPU", "/device:TPU")):
+            continue
+        lines = list(plane.lines)
+        kernel_lines = [ln for ln in lines if ln.name.startswith("Stream")] or lines
+        for line in kernel_lines:
+            for ev in line.events:
+                stats = dict(ev.stats)
+                op = str(stats.get("hlo_op", "") or "")
+                comp = component(line_of[op]) if op in line_of else "unattributed"
+                if _ATTENTION_KERNEL.search(ev.name):  # before GEMM: cuDNN's attention kernels use wgmma too
+                    cat = "attention"
+                elif _GEMM_KERNEL.search(ev.name):
+                    cat = "dot"
+                else:
+                    cat = categorize(line_of[op], op, dot_computations) if op in line_of else "other kernel"
+                per_kernel[(op or ev.name)[:120], cat] += ev.duration_ns
+                per_cat[cat] += ev.duration_ns
+                per_comp[comp, "matmul" if cat == "dot" else "rest"] += ev.duration_ns
+                busy_ns += ev.duration_ns
+                first = ev.start_ns if first is None else min(first, ev.start_ns)
+                last = ev.end_ns if last is None else max(last, ev.end_ns)
+    if not busy_ns:
+        print("no device kernel events in the trace; planes:", [p.name for p in data.planes])
+        return
+    span = (last - first) / 1e9 / steps
+    print(f"\n== device kernel time per step: {busy_ns / 1e9 / steps:.4f} s busy over a {span:.4f} s span ==")
+    for cat, ns in per_cat.most_common():
+        print(f"  {cat:22s} {ns / 1e9 / steps:8.4f} s  {100 * ns / busy_ns:5.1f}%")
+    print("\n== per component: matmul / rest (s per step) ==")
+    comps = sorted({c for c, _ in per_comp}, key=lambda c: -(per_comp[c, "matmul"] + per_comp[c, "rest"]))
+    for comp in comps:
+        mm, rest = per_comp[comp, "matmul"], per_comp[comp, "rest"]
+        print(f"  {comp:26s} matmul {mm / 1e9 / steps:8.4f} s   rest {rest / 1e9 / steps:8.4f} s")
+    print(f"\n== top {top} kernels / HLO ops ==")
+    for (name, cat), ns in per_kernel.most_common(top):
+        hlo = line_of.get(name, "")[:200]
+        print(f"{ns / 1e9 / steps:8.5f} s  {cat:12s} {name}  {hlo}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import jax
@@ -161,8 +222,14 @@ def main(argv=None) -> None:
 
     dtype = jnp.dtype(args.dtype)
     attention_chunk = attention_chunk_of(args.attention_chunk)
-    model = load_pretrained(DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
-                            num_layers=args.num_layers, attention_chunk=attention_chunk)
+    model_kwargs = dict(dtype=dtype, param_dtype=dtype, remat_policy=args.remat, num_layers=args.num_layers,
+                        attention_chunk=attention_chunk, attention_impl=args.attention_impl)
+    if args.shape:
+        from model_shapes import random_model
+
+        model = random_model(args.shape, seed=0, **model_kwargs)
+    else:
+        model = load_pretrained(DEFAULT_MODEL, **model_kwargs)
     optimizer, schedule = make_optimizer(OptimizerConfig(), total_steps=args.steps + 1)
     model_def, state = init_train_state(model, args.method, optimizer, lora_config=LoRAConfig(), seed=0)
     step_fn = make_train_step(model_def, optimizer, schedule, StepConfig(loss=SelfAugLossConfig(chunk_size=args.chunk_size)))
@@ -201,7 +268,13 @@ def main(argv=None) -> None:
     from jax.profiler import ProfileData
 
     pb = next(Path(tmp).rglob("*.xplane.pb"))
+    if args.trace_out:
+        Path(args.trace_out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(pb, Path(args.trace_out) / pb.name)
     data = ProfileData.from_serialized_xspace(pb.read_bytes())
+    if jax.default_backend() != "cpu":
+        device_kernel_profile(data, line_of, dot_computations, args.steps, args.top)
+        return
     per_op = collections.Counter()
     per_op_n = collections.Counter()
     all_lines = [list(line.events) for plane in data.planes for line in plane.lines]

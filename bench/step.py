@@ -18,6 +18,7 @@ Usage::
     python bench/step.py --method lora --vs-torch --rounds 3                 # 3 interleaved rounds: median, range
     python bench/step.py --method selfaug --compare-dtypes --steps 20        # bf16 vs fp32: speed and losses
     python bench/step.py --abstract                                          # 7B-shaped compile on 8 fake devices
+    python bench/step.py --method selfaug --shape qwen2.5-0.5b --dtype bfloat16 --batch 8 --seq 2048   # random weights
 
 Run every configuration in a fresh process: ``peak_rss_mb`` is the process-wide ``ru_maxrss``. The modes that
 compare two runs (``--vs-torch``, ``--compare-dtypes``; ``bench/side_by_side.py``) start each side in its own fresh
@@ -48,9 +49,10 @@ convention (``6N`` for the policy even under LoRA, reference ``2N``), reported s
 numbers quoted that way.
 
 ``mfu = model_flops_per_step / median_step_s / peak_flops``; ``peak_flops`` is measured on this machine with a
-large square matmul (``--peak-n``, default 4096; best of 5) and cached per CPU model / device kind and dtype under
-``~/.cache/selfaug_jax/bench/`` (``bench/machine.py``; ``--remeasure-peak`` refreshes it); every record names the
-peak it used and the machine and time it was measured. On a shared CPU host both the
+large square matmul (``--peak-n``, default 4096 on CPU, 8192 on an accelerator; best of 5) and cached per CPU
+model / device kind, dtype and size under ``~/.cache/selfaug_jax/bench/`` (``bench/machine.py``;
+``--remeasure-peak`` refreshes it); every record names the peak it used (``peak_flops_n``) and the machine and time
+it was measured. On a shared CPU host both the
 peak and the step are measured under whatever load there is: the ``load_avg`` fields record it, and
 ``median_step_cpu_s`` (process CPU seconds per step, all threads) is a contention-robust companion of the wall time
 for comparing configurations measured under different load.
@@ -75,6 +77,7 @@ if str(BENCH) not in sys.path:  # sibling helper modules (machine, report, torch
     sys.path.insert(0, str(BENCH))
 
 import machine  # noqa: E402  (no JAX / torch at import)
+import model_shapes  # noqa: E402  (no JAX at import)
 import report  # noqa: E402
 import side_by_side  # noqa: E402  (no JAX / torch at import)
 
@@ -86,7 +89,13 @@ DEFAULT_LOSS_RTOL = 0.02  # bf16 vs fp32 losses (--compare-dtypes): bf16 keeps 8
 
 
 def parse_mesh(text: str | None, cpu_devices: int) -> Any:
-    """``"data=2,fsdp=1,tensor=1"`` -> the experiment config's ``MeshSection`` (missing axes are 1)."""
+    """``"data=2,fsdp=1,tensor=1"`` -> the experiment config's ``MeshSection`` (missing axes are 1); None for no text.
+
+    Without a mesh nothing of ``selfaug_jax.experiment`` is imported: its data readers need packages (tensorflow-
+    datasets) that a bare accelerator image may lack, and the single-device step needs none of them.
+    """
+    if not text:
+        return None
     from selfaug_jax.experiment.config import MeshSection
 
     sizes: dict[str, int] = {}
@@ -107,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per sequence (T; default 256, with --abstract each preset's data.max_length)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the compile step")
     p.add_argument("--model", default=None, help="model name or HF dir (default: smollm2-135m-instruct)")
+    p.add_argument("--shape", default=None, choices=sorted(model_shapes.SHAPES),
+                   help="random weights of a named model shape instead of a checkpoint (bench/model_shapes.py)")
     p.add_argument("--num-layers", type=int, default=None,
                    help="keep only the first N decoder layers (load_pretrained's truncation; compile-in-depth check)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -125,7 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (a ShardingPlan, as the runner builds)")
     p.add_argument("--cpu-devices", type=int, default=0, help="fake N CPU devices (XLA host platform)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak FLOP/s measurement")
+    p.add_argument("--peak-n", type=int, default=None,
+                   help="matmul size for the peak FLOP/s measurement (default 4096 on CPU, 8192 on an accelerator, "
+                        "where 4096^3 is too short to reach the peak: 410 vs 669 TFLOP/s on an H200)")
     p.add_argument("--remeasure-peak", action="store_true", help="measure the peak FLOP/s now (refreshes the cache)")
     p.add_argument("--peak-only", action="store_true",
                    help="(re)measure and cache the peak FLOP/s of this machine and --dtype, print it, exit")
@@ -168,6 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.rounds > 1 and not (args.vs_torch or args.compare_dtypes):
         p.error("--rounds applies to --vs-torch and --compare-dtypes only")
+    if args.shape and args.model:
+        p.error("use one of --model / --shape")
+    if args.shape and (args.vs_torch or args.compare_dtypes or args.impl == "torch"):
+        p.error("--shape (random weights) is for the JAX step alone; the PyTorch side loads --model")
     if args.num_layers is not None and args.num_layers < 1:
         p.error(f"--num-layers must be >= 1, got {args.num_layers}")
     return args
@@ -236,7 +253,8 @@ def attention_chunk_of(value: int | None) -> int | None:
 
 def peak_fields(peak: dict[str, Any]) -> dict[str, Any]:
     """What a record keeps of the peak it divides by: the value and where / when / under what load it was taken."""
-    return {"peak_flops": float(peak["peak_flops"]), "peak_flops_machine": peak.get("machine"),
+    return {"peak_flops": float(peak["peak_flops"]), "peak_flops_n": peak.get("n"),
+            "peak_flops_machine": peak.get("machine"),
             "peak_flops_cpu_model": peak.get("cpu_model"), "peak_flops_device_kind": peak.get("device_kind"),
             "peak_flops_date": peak.get("date"), "peak_flops_load_avg": peak.get("load_avg"),
             "peak_flops_cached": peak.get("cached")}
@@ -260,23 +278,28 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     from selfaug_jax.train.state import init_train_state
     from selfaug_jax.train.step import StepConfig, make_train_step
 
-    plan = ShardingPlan.from_config(mesh) if args.mesh else None  # checks the sizes against the device count
+    plan = ShardingPlan.from_config(mesh) if mesh is not None else None  # checks the sizes against the device count
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
+    peak_n = args.peak_n or (4096 if device.platform == "cpu" else 8192)
     if args.peak_only:
-        peak = machine.cached_peak_flops(device.platform, device.device_kind, args.dtype, n=args.peak_n,
+        peak = machine.cached_peak_flops(device.platform, device.device_kind, args.dtype, n=peak_n,
                                          remeasure=True)
         print(json.dumps(peak))
         return peak
     t0 = time.perf_counter()
     attention_chunk = attention_chunk_of(args.attention_chunk)
-    model = load_pretrained(args.model or DEFAULT_MODEL, dtype=dtype, param_dtype=dtype, remat_policy=args.remat,
-                            attention_chunk=attention_chunk, attention_impl=args.attention_impl,
-                            num_layers=args.num_layers,
-                            scan_unroll=DEFAULT_SCAN_UNROLL if args.scan_unroll is None else args.scan_unroll)
+    model_kwargs = dict(dtype=dtype, param_dtype=dtype, remat_policy=args.remat, attention_chunk=attention_chunk,
+                        attention_impl=args.attention_impl,
+                        scan_unroll=DEFAULT_SCAN_UNROLL if args.scan_unroll is None else args.scan_unroll)
+    model_name = f"random:{args.shape}" if args.shape else (args.model or DEFAULT_MODEL)
+    if args.shape:
+        model = model_shapes.random_model(args.shape, seed=args.seed, num_layers=args.num_layers, **model_kwargs)
+    else:
+        model = load_pretrained(args.model or DEFAULT_MODEL, num_layers=args.num_layers, **model_kwargs)
     load_s = time.perf_counter() - t0
     cfg, scan_unroll = model.config, model.scan_unroll
-    log(args, f"loaded {args.model or DEFAULT_MODEL} ({cfg.num_hidden_layers} layers) in {load_s:.1f}s on "
+    log(args, f"loaded {model_name} ({cfg.num_hidden_layers} layers) in {load_s:.1f}s on "
               f"{device.device_kind} ({jax.device_count()} dev), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
     optimizer, schedule = make_optimizer(OptimizerConfig(), total_steps=args.steps + 1)
@@ -330,7 +353,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     median = statistics.median(times)
     tokens = args.batch * args.seq
     flops = model_flops(cfg, args.method, args.batch, args.seq, lora_params)
-    peak = machine.cached_peak_flops(device.platform, device.device_kind, args.dtype, n=args.peak_n,
+    peak = machine.cached_peak_flops(device.platform, device.device_kind, args.dtype, n=peak_n,
                                      remeasure=args.remeasure_peak)
     return {
         "impl": "jax",
@@ -361,7 +384,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "losses": losses,
-        "model": args.model or DEFAULT_MODEL,
+        "model": model_name,
         "num_layers": cfg.num_hidden_layers,
         "dtype": args.dtype,
         "remat": args.remat,
@@ -371,7 +394,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         "attention_impl": args.attention_impl,
         "scan_unroll": scan_unroll,
         "device_peak_bytes": device_peak_bytes,
-        "mesh": dataclasses.asdict(mesh) if args.mesh else None,
+        "mesh": dataclasses.asdict(mesh) if mesh is not None else None,
         "platform": device.platform,
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),

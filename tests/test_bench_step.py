@@ -96,7 +96,34 @@ def test_peak_cache_is_per_machine_and_reused(step_bench, peak_cache):
     path.write_text(json.dumps(stale))
     redone = machine.cached_peak_flops("cpu", "cpu", "float32", n=64)
     assert redone["cached"] is False and json.loads(path.read_text())["result_dtype"] == "float32"
+    # a peak cached for another matmul size (an accelerator's 8192 vs 4096) is measured again at the size asked
+    resized = machine.cached_peak_flops("cpu", "cpu", "float32", n=32)
+    assert resized["cached"] is False and resized["n"] == 32 and json.loads(path.read_text())["n"] == 32
     assert machine.machine_key("gpu", "NVIDIA H100 80GB HBM3") == "gpu_nvidia_h100_80gb_hbm3"
+
+
+def test_model_shapes_match_the_published_parameter_counts(step_bench):
+    """bench/model_shapes.py builds the named shapes (random weights, here only their shapes): Qwen2.5-0.5B has
+    494,032,768 parameters (tied embeddings), Qwen2.5-7B 7,615,616,512 (its model card's 7.61B)."""
+    import jax
+    from flax import nnx
+
+    import model_shapes
+
+    def n_params(name, **kw):
+        model = nnx.eval_shape(lambda: model_shapes.random_model(name, seed=0, **kw))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    assert n_params("qwen2.5-0.5b") == 494_032_768
+    assert n_params("qwen2.5-7b") == 7_615_616_512
+    assert model_shapes.shape_config("qwen2.5-0.5b", 2)["num_hidden_layers"] == 2
+    assert model_shapes.SHAPES["qwen2.5-0.5b"]["num_hidden_layers"] == 24  # shape_config returned a copy
+    with pytest.raises(SystemExit, match="unknown 'qwen9'"):
+        model_shapes.shape_config("qwen9")
+    with pytest.raises(SystemExit, match=r"--num-layers 30 must be in \[1, 24\]"):
+        model_shapes.shape_config("qwen2.5-0.5b", 30)
+    with pytest.raises(SystemExit):
+        step_bench.parse_args(["--method", "lora", "--shape", "qwen2.5-0.5b", "--model", "x"])
 
 
 def test_one_real_run_truncated_writes_a_record_and_a_table(step_bench, tiny_model, tmp_path, peak_cache):

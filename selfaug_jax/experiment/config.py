@@ -101,7 +101,8 @@ class ModelSection:
     attention_chunk: PositiveInt | None = DEFAULT_ATTENTION_CHUNK
     # Attention kernel of the training / evaluation forward (selfaug_jax/models/attention_kernels.py): auto (cuDNN
     # flash attention on GPU, splash on TPU, xla_chunked on CPU) | xla_chunked | dot_product | cudnn | splash.
-    # cudnn and splash have not yet been run on hardware; KV-cache decoding always uses xla_chunked's kernel.
+    # cudnn ran on an H200 (bench/README.md "On a GPU"); compiled splash has not yet run on a TPU. KV-cache decoding
+    # always uses xla_chunked's kernel.
     attention_impl: AttentionImpl = "auto"
     # Layers per iteration of the layer scan (jax.lax.scan unroll): same values, more work per iteration for the
     # compiler; 2 measured fastest on XLA:CPU (bench/README.md, session 6). Decoding always uses 1.
