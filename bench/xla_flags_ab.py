@@ -37,6 +37,9 @@ ARMS: dict[str, str] = {
     # thunks so that more of them can run at once, and the runtime-speed optimisation preset.
     "concurrency-scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
     "fast-runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+    # Added in session 16: the YNNPACK reduce fusion off (the profile's slowest non-matmul ops on the AMD EPYC are
+    # YNN reduce fusions of the loss' softmax sums, e.g. f32[2,4,64,49152] -> f32[2,4,64] at ~0.3 G elements/s).
+    "no-ynn-reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
 }
 
 

@@ -11,6 +11,11 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The project's default XLA flags, as experiments/run.py and bench/step.py apply them: a default is kept only if the
+# parity tests pass with it (selfaug_jax/xla_flags.py). Set before any JAX backend starts; xdist workers inherit it.
+from selfaug_jax.xla_flags import apply_default_xla_flags  # noqa: E402  (imports no JAX)
+
+apply_default_xla_flags()
 
 
 def _session_compilation_cache() -> None:
