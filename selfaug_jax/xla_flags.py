@@ -20,11 +20,12 @@ from collections.abc import MutableMapping
 # (flag, value) pairs; see the module docstring for how an entry earns its place here. In the 2026-12-01 A/B
 # (bench/README.md, "XLA:CPU options") no jaxlib 0.10.2 option (oneDNN, XNNPACK fusions / graph fusion, 512-bit
 # vectors, the fast-compile preset) made the SmolLM2 selfaug step faster beyond run-to-run noise, fp32 or bf16.
-# Session 16 (bench/README.md "Session 16"), AMD EPYC with avx512_bf16, 4 interleaved pairs each: the YNNPACK reduce
-# fusion off made the selfaug step faster in every pair, 7.6% fp32 (7.91 vs 8.56 s) and 9.5% bf16 (5.28 vs 5.83 s),
-# lora unchanged; session 10's 4 rounds on another instance were a draw. It also avoids the batch-1 YNN reduce
-# miscompile of bench/xla_cpu_ynn_batch1_repro.py. The test suite runs with these defaults (tests/conftest.py).
-DEFAULT_XLA_FLAGS: tuple[tuple[str, str], ...] = (("xla_cpu_experimental_ynn_fusion_type", "-reduce"),)
+# Session 16 (bench/README.md, "XLA:CPU options", session 16): the YNNPACK reduce fusion off
+# (--xla_cpu_experimental_ynn_fusion_type=-reduce) made the selfaug 4 x 256 step 7.6% (fp32) / 9.5% (bf16) faster,
+# but the 1 x 2048 step 7% slower (2 interleaved pairs), and with it the 1 x 8192 step took 718 s against 550-614 s
+# in five earlier acceptance runs (not side by side). Long RAG contexts are the main use, so it is not a default
+# (set it in XLA_FLAGS for short-sequence runs). Still empty.
+DEFAULT_XLA_FLAGS: tuple[tuple[str, str], ...] = ()
 
 DISABLE_ENV_VAR = "SELFAUG_JAX_XLA_DEFAULTS"
 
