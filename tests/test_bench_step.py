@@ -240,3 +240,50 @@ def test_profile_step_files_each_loss_matmul_under_the_head():
     assert prof.component(line("sbtd,dv->sbtv")) == "loss: head matmuls"
     assert prof.component(line("btd,vd->btv")) == "loss: head matmuls"
     assert prof.component(line("reduce_max")) == "loss: softmax/KL/CE"
+
+
+def test_profile_step_attributes_gpu_kernels_by_name_then_by_hlo(capsys):
+    """bench/profile_step.py on a GPU trace: cuDNN attention before GEMM (its kernels use wgmma too), cuBLAS /
+    Triton GEMMs by kernel name, other kernels through their ``hlo_op`` instruction, host planes ignored."""
+    import types
+
+    spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "bench" / "profile_step.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+
+    def ev(name, start, dur, op=""):
+        return types.SimpleNamespace(name=name, start_ns=start, duration_ns=dur, end_ns=start + dur,
+                                     stats=[("hlo_op", op)] if op else [])
+
+    ms = 10 ** 6
+    kernels = [ev("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 0, 400 * ms, "dpa.1"),
+               ev("nvjet_sm90_tss_128x160_64x5_2x1_v_bz_NNT", 400 * ms, 300 * ms, "custom-call.2"),
+               ev("gemm_fusion_dot_general_219", 700 * ms, 100 * ms, "gemm_fusion_dot_general.1"),
+               ev("loop_xor_fusion_3", 800 * ms, 150 * ms, "xor.1"), ev("input_reduce_fusion", 950 * ms, 50 * ms)]
+    gpu = types.SimpleNamespace(name="/device:GPU:0", lines=[
+        types.SimpleNamespace(name="Stream #14(Compute)", events=kernels),
+        types.SimpleNamespace(name="XLA Ops", events=[ev("derived line, not counted", 0, 10 ** 12)])])
+    host = types.SimpleNamespace(name="/host:CPU", lines=[types.SimpleNamespace(name="t", events=[ev("x", 0, 10 ** 12)])])
+    line_of = {"xor.1": '%xor.1 = u32[8,2048,448]{2,1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(train_step)"}'}
+    prof.device_kernel_profile(types.SimpleNamespace(planes=[host, gpu]), line_of, frozenset(), steps=1, top=10)
+    out = capsys.readouterr().out
+    assert "device kernel time per step: 1.0000 s busy over a 1.0000 s span" in out  # the stream line alone
+    rows = {ln.split()[0]: float(ln.split()[-3]) for ln in out.splitlines()
+            if ln.startswith("  ") and ln.rstrip().endswith("%")}
+    assert rows == {"attention": 0.4, "dot": 0.4, "fusion": 0.15, "other": 0.05}, out
+
+
+def test_gpu_attention_check_runs_the_cpu_kernels_against_the_reference(tmp_path):
+    """bench/gpu_attention.py on CPU (no cuDNN there): both XLA kernels within bf16 rounding of the float32
+    reference, one record each, and auto resolving to xla_chunked."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_attention", ROOT / "bench" / "gpu_attention.py")
+    ga = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ga)
+    out = tmp_path / "attn.jsonl"
+    recs = ga.main(["--batch", "2", "--seq", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                    "--q-chunk", "8", "--repeats", "1", "--out", str(out)])
+    assert [r["kernel"] for r in recs] == ["xla_chunked", "dot_product"]
+    assert len(out.read_text().splitlines()) == 2
+    for r in recs:
+        assert r["ok"] and r["auto_selects"] == "xla_chunked" and r["platform"] == "cpu"
+        assert 0 < r["out_err"] < 0.02 and 0 < r["grad_err_q"] < 0.02 and r["fwd_bwd_ms"] > 0
