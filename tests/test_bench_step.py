@@ -263,7 +263,8 @@ def test_profile_step_attributes_gpu_kernels_by_name_then_by_hlo(capsys):
     gpu = types.SimpleNamespace(name="/device:GPU:0", lines=[
         types.SimpleNamespace(name="Stream #14(Compute)", events=kernels),
         types.SimpleNamespace(name="XLA Ops", events=[ev("derived line, not counted", 0, 10 ** 12)])])
-    host = types.SimpleNamespace(name="/host:CPU", lines=[types.SimpleNamespace(name="t", events=[ev("x", 0, 10 ** 12)])])
+    host_line = types.SimpleNamespace(name="t", events=[ev("x", 0, 10 ** 12)])
+    host = types.SimpleNamespace(name="/host:CPU", lines=[host_line])
     line_of = {"xor.1": '%xor.1 = u32[8,2048,448]{2,1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(train_step)"}'}
     prof.device_kernel_profile(types.SimpleNamespace(planes=[host, gpu]), line_of, frozenset(), steps=1, top=10)
     out = capsys.readouterr().out
