@@ -1,9 +1,9 @@
 """``bench/step.py --abstract``: compile the 7B ``selfaug`` step of every shipped 7B preset without any weights.
 
 Scale by simulation (issue 16, item 7). For each preset's mesh, the Qwen2.5-7B-shaped model (config only:
-``bench/model_shapes.py``'s :data:`QWEN25_7B_CONFIG`, the public ``config.json`` fields of
-Qwen/Qwen2.5-7B-Instruct, the same numbers as ``docs/SCALING.md`` section 2) is built under ``jax.eval_shape`` -- parameters, LoRA adapters and Adam state are
-``jax.ShapeDtypeStruct`` s, nothing is allocated -- and the real ``make_train_step`` (with the preset's
+``bench/model_shapes.py``'s ``qwen2.5-7b``, the public ``config.json`` fields of Qwen/Qwen2.5-7B-Instruct, the
+same numbers as ``docs/SCALING.md`` section 2) is built under ``jax.eval_shape`` -- parameters, LoRA adapters and
+Adam state are ``jax.ShapeDtypeStruct`` s, nothing is allocated -- and the real ``make_train_step`` (with the preset's
 ``ShardingPlan``, dtype, remat, LoRA rank, loss chunk and micro-batch) is lowered and compiled for
 :data:`FAKE_DEVICES` fake CPU devices (``jax_num_cpu_devices``). Each record holds the compile time and XLA's
 per-device buffer assignment (``memory_analysis()``: arguments, temporaries, outputs, aliases) next to
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from model_shapes import QWEN25_7B_CONFIG  # bench/ sibling (bench/ is on sys.path, as for step.py's helpers)
+from model_shapes import shape_config  # bench/ sibling (bench/ is on sys.path, as for step.py's helpers)
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -117,10 +117,7 @@ def compile_preset(name: str, num_layers: int | None, seq: int | None, log) -> d
         raise SystemExit(f"{name}: batch_size {cfg.train.batch_size} / grad_accum {accum} does not split over "
                          f"data x fsdp = {batch_shards}")
     global_batch = per_device_batch * mesh["data"] * mesh["fsdp"] * accum
-    hf = dict(QWEN25_7B_CONFIG)
-    if num_layers is not None:
-        hf["num_hidden_layers"] = num_layers
-    model_cfg = ModelConfig.from_hf_dict(hf)
+    model_cfg = ModelConfig.from_hf_dict(shape_config("qwen2.5-7b", num_layers))
     dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps=1000)
     lora_cfg = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,

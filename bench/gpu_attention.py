@@ -28,7 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import sys
 import time
@@ -36,7 +36,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,12 +140,14 @@ def check_one(name: str, fn, inputs, reference, args: argparse.Namespace) -> dic
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    for path in (ROOT, BENCH):  # the package, and step.py's append_record
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
     import jax
     import jax.numpy as jnp
 
     from selfaug_jax.models import attention_kernels as ak
+    from step import append_record
 
     inputs = make_inputs(args)
     q, k, v, cot, mask, _ = inputs
@@ -169,12 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    "traceback": traceback.format_exc()[-2000:]}
         rec = {**rec, **common}
         records.append(rec)
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if args.out and args.out != "-":
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as fh:
-                fh.write(line + "\n")
+        append_record(rec, args.out or "-", default=Path(os.devnull))  # no --out: stdout only
     return records
 
 

@@ -214,22 +214,16 @@ def main(argv=None) -> None:
 
     from selfaug_jax.loss import SelfAugLossConfig
     from selfaug_jax.lora import LoRAConfig
-    from selfaug_jax.models import DEFAULT_MODEL, load_pretrained
     from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
     from selfaug_jax.train.state import init_train_state
     from selfaug_jax.train.step import StepConfig, make_train_step
-    from step import attention_chunk_of, synthetic_batch
+    from step import attention_chunk_of, build_model, synthetic_batch
 
     dtype = jnp.dtype(args.dtype)
     attention_chunk = attention_chunk_of(args.attention_chunk)
-    model_kwargs = dict(dtype=dtype, param_dtype=dtype, remat_policy=args.remat, num_layers=args.num_layers,
-                        attention_chunk=attention_chunk, attention_impl=args.attention_impl)
-    if args.shape:
-        from model_shapes import random_model
-
-        model = random_model(args.shape, seed=0, **model_kwargs)
-    else:
-        model = load_pretrained(DEFAULT_MODEL, **model_kwargs)
+    model, _ = build_model(args.shape, None, seed=0, num_layers=args.num_layers, dtype=dtype, param_dtype=dtype,
+                           remat_policy=args.remat, attention_chunk=attention_chunk,
+                           attention_impl=args.attention_impl)
     optimizer, schedule = make_optimizer(OptimizerConfig(), total_steps=args.steps + 1)
     model_def, state = init_train_state(model, args.method, optimizer, lora_config=LoRAConfig(), seed=0)
     step_fn = make_train_step(model_def, optimizer, schedule, StepConfig(loss=SelfAugLossConfig(chunk_size=args.chunk_size)))

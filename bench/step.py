@@ -251,6 +251,18 @@ def attention_chunk_of(value: int | None) -> int | None:
     return DEFAULT_ATTENTION_CHUNK if value is None else (value or None)
 
 
+def build_model(shape: str | None, model: str | None, *, seed: int, num_layers: int | None,
+                **model_kwargs: Any) -> tuple[Any, str]:
+    """The benchmarked ``DecoderLM`` and its name: random weights of ``shape`` (bench/model_shapes.py), else the
+    checkpoint ``model`` (default: the default model). ``model_kwargs``: ``DecoderLM``'s options."""
+    from selfaug_jax.models import DEFAULT_MODEL, load_pretrained
+
+    if shape:
+        return (model_shapes.random_model(shape, seed=seed, num_layers=num_layers, **model_kwargs),
+                f"random:{shape}")
+    return load_pretrained(model or DEFAULT_MODEL, num_layers=num_layers, **model_kwargs), model or DEFAULT_MODEL
+
+
 def peak_fields(peak: dict[str, Any]) -> dict[str, Any]:
     """What a record keeps of the peak it divides by: the value and where / when / under what load it was taken."""
     return {"peak_flops": float(peak["peak_flops"]), "peak_flops_n": peak.get("n"),
@@ -272,7 +284,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     from selfaug_jax.host_memory import release_freed_host_memory
     from selfaug_jax.loss import SelfAugLossConfig
     from selfaug_jax.lora import LoRAConfig
-    from selfaug_jax.models import DEFAULT_MODEL, DEFAULT_SCAN_UNROLL, load_pretrained
+    from selfaug_jax.models import DEFAULT_SCAN_UNROLL
     from selfaug_jax.train.optimizer import OptimizerConfig, make_optimizer
     from selfaug_jax.train.sharding import ShardingPlan
     from selfaug_jax.train.state import init_train_state
@@ -292,11 +304,8 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     model_kwargs = dict(dtype=dtype, param_dtype=dtype, remat_policy=args.remat, attention_chunk=attention_chunk,
                         attention_impl=args.attention_impl,
                         scan_unroll=DEFAULT_SCAN_UNROLL if args.scan_unroll is None else args.scan_unroll)
-    model_name = f"random:{args.shape}" if args.shape else (args.model or DEFAULT_MODEL)
-    if args.shape:
-        model = model_shapes.random_model(args.shape, seed=args.seed, num_layers=args.num_layers, **model_kwargs)
-    else:
-        model = load_pretrained(args.model or DEFAULT_MODEL, num_layers=args.num_layers, **model_kwargs)
+    model, model_name = build_model(args.shape, args.model, seed=args.seed, num_layers=args.num_layers,
+                                    **model_kwargs)
     load_s = time.perf_counter() - t0
     cfg, scan_unroll = model.config, model.scan_unroll
     log(args, f"loaded {model_name} ({cfg.num_hidden_layers} layers) in {load_s:.1f}s on "

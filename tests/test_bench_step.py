@@ -176,8 +176,9 @@ def test_bf16_losses_agree_with_fp32_over_20_steps(step_bench, tiny_model, tmp_p
 
 def test_scaling_estimate_matches_scaling_md_by_hand(step_bench):
     import abstract
+    import model_shapes
 
-    cfg = ModelConfig.from_hf_dict(abstract.QWEN25_7B_CONFIG)
+    cfg = ModelConfig.from_hf_dict(model_shapes.QWEN25_7B_CONFIG)
     assert cfg.num_params() == 7_615_616_512  # docs/SCALING.md section 2
     est = abstract.scaling_estimate_bytes(cfg, per_device_batch=1, seq=4096, rank=16, shards=1, tensor=1,
                                           loss_chunk=512, attention_chunk=512)
@@ -198,6 +199,7 @@ def test_scaling_estimate_matches_scaling_md_by_hand(step_bench):
 
 def test_abstract_compile_of_a_7b_layer_on_8_fake_devices(step_bench, tmp_path):
     import abstract
+    import model_shapes
 
     out = tmp_path / "abstract.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -209,7 +211,7 @@ def test_abstract_compile_of_a_7b_layer_on_8_fake_devices(step_bench, tmp_path):
     assert rec["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and rec["preset_mesh"]["data"] == 4
     assert rec["per_device_batch"] == 1 and rec["global_batch"] == 8 and rec["num_layers"] == 1
     # arguments per device: the bf16 frozen weights sharded fsdp=4 ways dominate (embeddings + head + 1 layer)
-    cfg = ModelConfig.from_hf_dict({**abstract.QWEN25_7B_CONFIG, "num_hidden_layers": 1})
+    cfg = ModelConfig.from_hf_dict(model_shapes.shape_config("qwen2.5-7b", 1))
     frozen_per_device = 2 * cfg.num_params() / 4
     assert frozen_per_device <= rec["xla_argument_bytes"] <= 1.1 * frozen_per_device
     assert rec["xla_temp_bytes"] > 0 and rec["compile_s"] > 0
