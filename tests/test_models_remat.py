@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from selfaug_jax.models import DecoderLM, ModelConfig
-from selfaug_jax.models.remat import ACTIVATION_NAMES, ATTENTION_MATMUL_NAME, PROJECTION_NAME
+from selfaug_jax.lora import LoRAConfig, add_lora
+from selfaug_jax.models.remat import ACTIVATION_NAMES, ATTENTION_MATMUL_NAME, DROPOUT_KEEP_NAME, PROJECTION_NAME
 
 
 def _config(n_layers: int, windows=None) -> ModelConfig:
@@ -72,6 +73,43 @@ def test_policy_names_are_the_layers_checkpoint_names():
     loss, params = _loss_fn(DecoderLM(_config(2), remat_policy="dots_and_acts", rngs=nnx.Rngs(0)))
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, _ids()))
     assert set(re.findall(r"name\[name=(\w+)\]", jaxpr)) == {*ACTIVATION_NAMES, PROJECTION_NAME, ATTENTION_MATMUL_NAME}
+
+
+def _lora_dropout_loss(policy: str):
+    model = add_lora(DecoderLM(_config(3), remat_policy=policy, rngs=nnx.Rngs(3)), LoRAConfig(rank=4, dropout=0.3))
+    graphdef, params = nnx.split(model)
+
+    def loss(p, ids, key):
+        return jnp.mean(nnx.merge(graphdef, p).hidden_states(ids, dropout_rng=key) ** 2)
+
+    return loss, params
+
+
+def test_saving_policies_draw_lora_dropout_masks_once():
+    """Every policy but ``full`` saves the LoRA dropout keep masks (``DROPOUT_KEEP_NAME``), so the backward reads the
+    forward's bits instead of hashing them again: the lowered gradient calls Threefry as often as without remat
+    (forward only), ``full`` about twice as often. Values and gradients are those of no remat: the same bits."""
+    key = jax.random.key(7)
+
+    def threefry_calls(policy):
+        loss, params = _lora_dropout_loss(policy)
+        text = jax.jit(jax.grad(loss)).lower(params, _ids(), key).as_text()
+        return len(re.findall(r"call @_?threefry", text))
+
+    calls = {policy: threefry_calls(policy) for policy in ("none", "full", "dots", "dots_and_acts", "dots_saveable")}
+    assert calls["none"] > 0, calls
+    assert calls["dots"] == calls["dots_and_acts"] == calls["dots_saveable"] == calls["none"], calls
+    assert calls["full"] > 1.8 * calls["none"], calls  # (measured 35 vs 18: every draw and key derivation again)
+
+    loss0, params0 = _lora_dropout_loss("none")
+    loss1, params1 = _lora_dropout_loss("dots")
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss1))(params1, _ids(), key))
+    assert f"name={DROPOUT_KEEP_NAME}" in jaxpr
+    v0, g0 = jax.jit(jax.value_and_grad(loss0))(params0, _ids(), key)
+    v1, g1 = jax.jit(jax.value_and_grad(loss1))(params1, _ids(), key)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
 def test_full_remat_lowers_temporary_memory():
