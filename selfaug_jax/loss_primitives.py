@@ -171,7 +171,12 @@ def _ce_divergence_and_grad(logits_sbtv: jax.Array, targets_bt: jax.Array, mask_
     # As jax.nn.log_softmax: shifted = z - max, log p = shifted - log(sum(exp(shifted))).
     zmax_sbt1 = jnp.max(logits_sbtv, axis=-1, keepdims=True)
     shifted_sbtv = logits_sbtv - zmax_sbt1
-    logz_sbt1 = jnp.log(jnp.sum(jnp.exp(shifted_sbtv), axis=-1, keepdims=True))
+    # exp(shifted) once, shared by the normaliser and the probabilities (p = e / sum e). Two readers of an exp keep
+    # it in its own vectorised loop fusion; with one reader XLA:CPU fused it into the YNNPACK reduction, which ran
+    # the exponential ~10x slower per element (bench/README.md "Session 17").
+    exp_sbtv = jnp.exp(shifted_sbtv)
+    sumexp_sbt1 = jnp.sum(exp_sbtv, axis=-1, keepdims=True)
+    logz_sbt1 = jnp.log(sumexp_sbt1)
     valid_bt = targets_bt != IGNORE_INDEX
     safe_bt = jnp.where(valid_bt, targets_bt, 0)
     # The target's logit is gathered from the logits themselves (no [B, T, V] log-prob buffer for the gather).
@@ -179,7 +184,7 @@ def _ce_divergence_and_grad(logits_sbtv: jax.Array, targets_bt: jax.Array, mask_
     nll_bt = logz_sbt1[0, ..., 0] - (picked_bt - zmax_sbt1[0, ..., 0])
     ce_sum = jnp.sum(jnp.where(valid_bt, nll_bt, 0.0))
     logp_btv = shifted_sbtv[0] - logz_sbt1[0]
-    p_btv = jnp.exp(logp_btv)
+    p_btv = exp_sbtv[0] / sumexp_sbt1[0]
     onehot_btv = jax.lax.broadcasted_iota(safe_bt.dtype, p_btv.shape, p_btv.ndim - 1) == safe_bt[..., None]
     ce_w_bt1 = jnp.where(valid_bt, ce_weight, 0.0).astype(p_btv.dtype)[..., None]
     dlogits_btv = ce_w_bt1 * (p_btv - onehot_btv.astype(p_btv.dtype))
@@ -188,14 +193,28 @@ def _ce_divergence_and_grad(logits_sbtv: jax.Array, targets_bt: jax.Array, mask_
     logr_btv = shifted_sbtv[1] - logz_sbt1[1]
     kl_w_bt1 = jnp.where(mask_bt, kl_weight, 0.0).astype(p_btv.dtype)[..., None]
     if direction == "forward":                           # KL(ref || policy)
-        r_btv = jnp.exp(logr_btv)
-        div_bt = jnp.sum(r_btv * (logr_btv - logp_btv), axis=-1)
+        r_btv = exp_sbtv[1] / sumexp_sbt1[1]
+        div_bt = _vocab_sum(r_btv * (logr_btv - logp_btv))
         dlogits_btv = dlogits_btv + kl_w_bt1 * (p_btv - r_btv)
     else:                                                # KL(policy || ref)
-        div_bt = jnp.sum(p_btv * (logp_btv - logr_btv), axis=-1)
+        div_bt = _vocab_sum(p_btv * (logp_btv - logr_btv))
         dlogits_btv = dlogits_btv + kl_w_bt1 * (p_btv * ((logp_btv - logr_btv) - div_bt[..., None]))
     kl_sum = jnp.sum(jnp.where(mask_bt, div_bt, 0.0))
     return ce_sum, kl_sum, dlogits_btv
+
+
+def _vocab_sum(x_btv: jax.Array) -> jax.Array:
+    """``sum(x_btv, axis=-1)`` as a matrix-vector product with ones (at full precision, accumulated in at least float32).
+
+    The divergence's summand is an elementwise product of several ``[tokens, V]`` arrays. XLA:CPU fuses such a
+    product into its reduction, and that fused reduction ran ~4x slower than the product written out and summed by a
+    matrix-vector product (SmolLM2 chunk ``[256, 49152]``: 76 vs 20 ms; bench/README.md "Session 17"). A dot keeps
+    the product in its own vectorised loop. Exactly zero summands still sum to exactly zero (step-0 KL).
+    """
+    ones_v = jnp.ones((x_btv.shape[-1],), x_btv.dtype)
+    acc_dtype = jnp.promote_types(x_btv.dtype, jnp.float32)  # float32, or float64 in the float64 tests
+    return jnp.einsum("...v,v->...", x_btv, ones_v, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=acc_dtype).astype(x_btv.dtype)
 
 
 def _safe_inverse(count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
