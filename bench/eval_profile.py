@@ -12,7 +12,8 @@ Measures, for the default model, in a fresh process:
 
 Each measured call runs once to compile, then ``--repeats`` times; the median CPU seconds (user + sys of the whole
 process, all threads: much less sensitive than wall time to other jobs on a shared host) and wall seconds are kept.
-Prints one JSON line per dtype and appends it to ``bench/results/eval_profile_<platform>.jsonl`` (or ``--out``).
+Prints one JSON line per dtype and appends it to ``bench/results/eval_profile_<platform>.jsonl`` (or ``--out``; ``-``:
+print only), with ``bench/machine.py``'s host fields (CPU model and flags, XLA flags, load, date).
 
 Usage::
 
@@ -25,10 +26,11 @@ import argparse
 import json
 import platform
 import resource
-import socket
 import statistics
 import time
 from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
 
 
 def cpu_s() -> float:
@@ -86,7 +88,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-score", action="store_true")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / f"eval_profile_{platform.machine()}.jsonl"))
+    ap.add_argument("--out", default=None,
+                    help="JSONL to append to (default bench/results/eval_profile_<platform>.jsonl; '-' = do not append)")
     args = ap.parse_args()
 
     import jax
@@ -94,6 +97,8 @@ def main() -> None:
     import numpy as np
     from flax import nnx
 
+    from machine import host_fields  # bench/machine.py, bench/step.py (same directory)
+    from step import append_record
     from selfaug_jax.models import load_pretrained
     from selfaug_jax.models.generation import GenerationConfig, generate
 
@@ -140,16 +145,8 @@ def main() -> None:
                     r["cpu_s_per_token"] = r["cpu_s"] / (b * t)
                     rec["score"][f"{b}x{t}"] = r
                 print(json.dumps({dtype: {"hidden": rec["hidden"], "score": rec["score"]}}), flush=True)
-        rec.update(platform=platform.machine(), host=socket.gethostname(), jax_version=jax.__version__,
-                   cpu_count=__import__("os").cpu_count(), load_avg=[round(x, 2) for x in __import__("os").getloadavg()],
-                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tag=args.tag,
-                   cpu_model=next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                                   if ln.startswith("model name")), platform.processor()))
-        line = json.dumps(rec)
-        print(line, flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+        rec.update(platform=platform.machine(), jax_version=jax.__version__, tag=args.tag, **host_fields())
+        append_record(rec, args.out, BENCH / "results" / f"eval_profile_{platform.machine()}.jsonl")
         del model
 
 

@@ -14,9 +14,9 @@ skips the ``[D, V]`` gradient). ``grad_mode="remat"`` instead differentiates thr
 higher-order and forward-mode differentiation.
 
 The precompute chunk (``closed_form=True``, default) writes CE, the forward / reverse KL and their gradient w.r.t.
-the policy logits in closed form (:func:`~selfaug_jax.loss_primitives._ce_divergence_and_grad`): one max and one
-sum over the stacked policy / reference logits, one reduction for the divergence, one elementwise pass for the
-gradient. When policy and reference share the head (every LoRA method), a single ``[2, B, t, D] x [D, V]`` matmul
+the policy logits in closed form (:func:`~selfaug_jax.loss_primitives._ce_divergence_and_grad`): one max, one
+``exp`` and one sum over the stacked policy / reference logits, one matrix-vector sum for the divergence, one
+elementwise pass for the gradient. When policy and reference share the head (every LoRA method), a single ``[2, B, t, D] x [D, V]`` matmul
 writes the stacked logits, so nothing copies two ``[B, t, V]`` arrays into one. Autodiff of the per-token formulas
 (``closed_form=False``, and always for JSD, a temperature other than 1 or ``grad_mode="remat"``) reads and writes
 several more ``[B, t, V]`` intermediates. Measured on the 2-core CPU VM (bench/README.md, session 11; 5 interleaved

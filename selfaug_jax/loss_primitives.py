@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from selfaug_jax.loss_checks import IGNORE_INDEX
+from selfaug_jax.reductions import sum_last_axis
 
 __all__ = ["Align", "Direction", "GradMode", "HEAD_LAYOUTS", "HeadLayout"]
 
@@ -194,27 +195,13 @@ def _ce_divergence_and_grad(logits_sbtv: jax.Array, targets_bt: jax.Array, mask_
     kl_w_bt1 = jnp.where(mask_bt, kl_weight, 0.0).astype(p_btv.dtype)[..., None]
     if direction == "forward":                           # KL(ref || policy)
         r_btv = exp_sbtv[1] / sumexp_sbt1[1]
-        div_bt = _vocab_sum(r_btv * (logr_btv - logp_btv))
+        div_bt = sum_last_axis(r_btv * (logr_btv - logp_btv))
         dlogits_btv = dlogits_btv + kl_w_bt1 * (p_btv - r_btv)
     else:                                                # KL(policy || ref)
-        div_bt = _vocab_sum(p_btv * (logp_btv - logr_btv))
+        div_bt = sum_last_axis(p_btv * (logp_btv - logr_btv))
         dlogits_btv = dlogits_btv + kl_w_bt1 * (p_btv * ((logp_btv - logr_btv) - div_bt[..., None]))
     kl_sum = jnp.sum(jnp.where(mask_bt, div_bt, 0.0))
     return ce_sum, kl_sum, dlogits_btv
-
-
-def _vocab_sum(x_btv: jax.Array) -> jax.Array:
-    """``sum(x_btv, axis=-1)`` as a matrix-vector product with ones (at full precision, accumulated in at least float32).
-
-    The divergence's summand is an elementwise product of several ``[tokens, V]`` arrays. XLA:CPU fuses such a
-    product into its reduction, and that fused reduction ran ~4x slower than the product written out and summed by a
-    matrix-vector product (SmolLM2 chunk ``[256, 49152]``: 76 vs 20 ms; bench/README.md "Session 17"). A dot keeps
-    the product in its own vectorised loop. Exactly zero summands still sum to exactly zero (step-0 KL).
-    """
-    ones_v = jnp.ones((x_btv.shape[-1],), x_btv.dtype)
-    acc_dtype = jnp.promote_types(x_btv.dtype, jnp.float32)  # float32, or float64 in the float64 tests
-    return jnp.einsum("...v,v->...", x_btv, ones_v, precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=acc_dtype).astype(x_btv.dtype)
 
 
 def _safe_inverse(count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:

@@ -290,3 +290,17 @@ def test_gpu_attention_check_runs_the_cpu_kernels_against_the_reference(tmp_path
     for r in recs:
         assert r["ok"] and r["auto_selects"] == "xla_chunked" and r["platform"] == "cpu"
         assert 0 < r["out_err"] < 0.02 and 0 < r["grad_err_q"] < 0.02 and r["fwd_bwd_ms"] > 0
+
+
+def test_reduce_fusion_bench_sums_the_divergence_both_ways(tmp_path):
+    """bench/reduce_fusion.py on a tiny chunk: every arm timed, one record each, and the matrix-vector divergence sum
+    (reductions.sum_last_axis, the loss chunk's form) equal to the fused reduction to float32 rounding."""
+    spec = importlib.util.spec_from_file_location("bench_reduce_fusion", ROOT / "bench" / "reduce_fusion.py")
+    rf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rf)
+    out = tmp_path / "reduce.jsonl"
+    recs = rf.main(["--batch", "2", "--chunk-tokens", "8", "--vocab", "512", "--reps", "1", "--out", str(out)])
+    assert [r["arm"] for r in recs] == ["sum", "sum_plus1", "exp_sum", "kl_fused", "kl_matvec"]
+    assert len(out.read_text().splitlines()) == 5
+    assert all(r["median_wall_ms"] > 0 for r in recs)
+    assert 0 <= recs[0]["kl_matvec_vs_fused_max_rel_diff"] < 1e-5

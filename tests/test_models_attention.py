@@ -141,3 +141,19 @@ def test_per_layer_sliding_windows_match_transformers(tmp_path):
     prompts = [ids[0, :9].tolist(), ids[1, :5].tolist()]
     res = generate(model, prompts, GenerationConfig(max_new_tokens=8, eos_token_ids=()))
     np.testing.assert_array_equal(res.tokens, greedy_generate_no_cache(model, prompts, 8))
+
+
+def test_softmax_last_matches_jax_softmax_forward_and_gradient_float64():
+    """attention.softmax_last (hand-written backward, the keys' sum as a matrix-vector product) is jax.nn.softmax:
+    the forward bit for bit, the gradient to float64 rounding, a fully masked row (finite fill) included."""
+    from selfaug_jax.models.attention import _MASK_VALUE, softmax_last
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 7)) * 4, jnp.float64)
+        x = x.at[0, 0, 0].set(_MASK_VALUE)  # a padding query: every key masked
+        x = x.at[1, 2, :, :3].set(_MASK_VALUE)
+        g = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float64)
+        np.testing.assert_array_equal(np.asarray(softmax_last(x)), np.asarray(jax.nn.softmax(x, axis=-1)))
+        got = jax.vjp(softmax_last, x)[1](g)[0]
+        want = jax.vjp(lambda z: jax.nn.softmax(z, axis=-1), x)[1](g)[0]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-15)

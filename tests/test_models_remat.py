@@ -127,10 +127,11 @@ def test_full_remat_lowers_temporary_memory():
     # none: several [b, t, F] buffers (and [b, h, t, t] probabilities) per layer for all 8 layers
     assert none > 8 * 3 * activation, none
     assert full < 0.5 * none, (full, none)
-    # dots_and_acts keeps the named O(T) activations on top of dots' matmul outputs (measured: 62.9 / 69.4 / 158.9
-    # MiB for dots / dots_and_acts / none): more than dots, far less than no remat.
+    # dots_and_acts keeps the named O(T) activations on top of dots' matmul outputs (measured: 50.8 / 65.1 / 97.6
+    # MiB for dots / dots_and_acts / none; 62.9 / 69.4 / 158.9 before attention's softmax had its own backward,
+    # which keeps only the probabilities): more than dots, less than no remat.
     dots, acts = temp_bytes("dots"), temp_bytes("dots_and_acts")
-    assert dots + 4 * activation < acts < 0.6 * none, (dots, acts, none)
+    assert dots + 4 * activation < acts < 0.8 * none, (dots, acts, none)
 
 
 @pytest.mark.parametrize("unroll", [1, 3])

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from selfaug_jax.chunking import from_chunks, to_chunks
 from selfaug_jax.models.matmul import einsum_f32
 from selfaug_jax.models.remat import ATTENTION_MATMUL_NAME
+from selfaug_jax.reductions import sum_last_axis
 
 # Fill value for masked scores: finite, so a fully masked row (a padding query) gives a uniform softmax, not NaN.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -228,6 +229,30 @@ def causal_block_skipping_attention(
     return jnp.concatenate(outs, axis=1)
 
 
+@jax.custom_vjp
+def softmax_last(x: jnp.ndarray) -> jnp.ndarray:
+    """``jax.nn.softmax(x, axis=-1)`` (the same forward, bit for bit) with its backward written out.
+
+    The backward ``dx = g y - y sum(g y)`` sums ``g y`` over the keys with
+    :func:`~selfaug_jax.reductions.sum_last_axis`, not with a reduction that XLA:CPU would fuse with the product and
+    run slowly (bench/README.md "Session 17").
+    """
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_last_fwd(x):
+    y = jax.nn.softmax(x, axis=-1)
+    return y, y
+
+
+def _softmax_last_bwd(y, g):
+    gy = g * y
+    return (gy - y * sum_last_axis(gy)[..., None],)
+
+
+softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
+
+
 def _attention_block(
     q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray, mask_bts: jnp.ndarray
 ) -> jnp.ndarray:
@@ -238,6 +263,6 @@ def _attention_block(
     scores_bkgts = einsum_f32("btkgd,bskd->bkgts", q_btkgd, k_bskd, name=ATTENTION_MATMUL_NAME)
     scores_bkgts = scores_bkgts * (1.0 / math.sqrt(d))
     scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, _MASK_VALUE)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskd.dtype)
+    probs_bkgts = softmax_last(scores_bkgts).astype(v_bskd.dtype)
     out_btkgd = einsum_f32("bkgts,bskd->btkgd", probs_bkgts, v_bskd, name=ATTENTION_MATMUL_NAME)
     return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
