@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jaxpr_tools import dot_operand_dtypes
+from jaxpr_tools import dot_eqns, dot_operand_dtypes
 
 from selfaug_jax.models import DecoderLM, ModelConfig
 from selfaug_jax.models.matmul import einsum_f32
@@ -110,15 +110,22 @@ def _decoder_dots(dtype, policy):
         return jnp.mean(nnx.merge(graphdef, p).hidden_states(ids).astype(jnp.float32) ** 2)
 
     jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
-    return dot_operand_dtypes(jaxpr), str(jaxpr)
+    # Sums written as matrix-vector products with ones (reductions.sum_last_axis: attention's softmax backward over
+    # the float32 scores) are reductions, not matmuls of weights or activations: counted apart.
+    row_sums = [eqn for eqn in dot_eqns(jaxpr) if eqn.invars[1].aval.ndim == 1]
+    assert all(str(e.invars[0].aval.dtype) == "float32" for e in row_sums), row_sums
+    matmuls = [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype), str(e.outvars[0].aval.dtype))
+               for e in dot_eqns(jaxpr) if e.invars[1].aval.ndim > 1]
+    return matmuls, str(jaxpr), len(row_sums)
 
 
 @pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_saveable", "dots_and_acts"])
 def test_bfloat16_decoder_keeps_its_remat_policy_and_runs_bfloat16_matmuls(policy):
     """Every matmul of the bf16 decoder's gradient is bf16 x bf16, and each remat policy recomputes exactly the
     matmuls it recomputes in float32: the policies save by name, and the names are the same in both dtypes."""
-    dots16, text16 = _decoder_dots(jnp.bfloat16, policy)
-    dots32, _ = _decoder_dots(jnp.float32, policy)
+    dots16, text16, sums16 = _decoder_dots(jnp.bfloat16, policy)
+    dots32, _, sums32 = _decoder_dots(jnp.float32, policy)
     assert set(dots16) == {("bfloat16", "bfloat16", "float32")}, set(dots16)
     assert len(dots16) == len(dots32), (len(dots16), len(dots32))
+    assert sums16 == sums32 > 0, (sums16, sums32)  # the float32 softmax-backward sums, the same in both dtypes
     assert f"name={PROJECTION_NAME}" in text16 and f"name={ATTENTION_MATMUL_NAME}" in text16
