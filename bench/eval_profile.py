@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--skip-score", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=None,
-                    help="JSONL to append to (default bench/results/eval_profile_<platform>.jsonl; '-' = do not append)")
+                    help="JSONL to append to (default bench/results/eval_profile_<platform>.jsonl; '-': print only)")
     args = ap.parse_args()
 
     import jax

@@ -1,12 +1,12 @@
 """XLA:CPU's vocabulary reductions: a plain sum against a sum with elementwise work fused into it.
 
 Session 17 found the fused loss chunk's two vocabulary sums (``sum(exp(z - max))`` and the divergence
-``sum(r * (log r - log p))``) running 4-13x slower per element than a plain ``sum(x)`` over a materialised array: XLA:CPU
-fuses the elementwise producers into the reduction (a YNNPACK reduce fusion), and that fused reduction is slow.
-``loss_primitives._ce_divergence_and_grad`` now shares one ``exp`` between the normaliser and the probabilities
-(two readers keep the exp in its own loop fusion) and sums the divergence with a matrix-vector product
-(``reductions.sum_last_axis``). This script measures the forms side by side on one loss chunk of SmolLM2's shape (policy and
-reference stacked, ``[2, B, t, V]``, ``V`` = 49,152).
+``sum(r * (log r - log p))``) running 4-13x slower per element than a plain ``sum(x)`` over a materialised array:
+XLA:CPU fuses the elementwise producers into the reduction (a YNNPACK reduce fusion), and that fused reduction is
+slow. ``loss_primitives._ce_divergence_and_grad`` now shares one ``exp`` between the normaliser and the
+probabilities (two readers keep the exp in its own loop fusion) and sums the divergence with a matrix-vector
+product (``reductions.sum_last_axis``). This script measures the forms side by side on one loss chunk of SmolLM2's
+shape (policy and reference stacked, ``[2, B, t, V]``, ``V`` = 49,152).
 
 Arms (one jitted function each, interleaved ``--reps`` rounds in this process; median wall and CPU ms per call):
 

@@ -16,13 +16,13 @@ higher-order and forward-mode differentiation.
 The precompute chunk (``closed_form=True``, default) writes CE, the forward / reverse KL and their gradient w.r.t.
 the policy logits in closed form (:func:`~selfaug_jax.loss_primitives._ce_divergence_and_grad`): one max, one
 ``exp`` and one sum over the stacked policy / reference logits, one matrix-vector sum for the divergence, one
-elementwise pass for the gradient. When policy and reference share the head (every LoRA method), a single ``[2, B, t, D] x [D, V]`` matmul
-writes the stacked logits, so nothing copies two ``[B, t, V]`` arrays into one. Autodiff of the per-token formulas
-(``closed_form=False``, and always for JSD, a temperature other than 1 or ``grad_mode="remat"``) reads and writes
-several more ``[B, t, V]`` intermediates. Measured on the 2-core CPU VM (bench/README.md, session 11; 5 interleaved
-rounds, fresh process per arm): the SmolLM2 ``selfaug`` 4 x 256 step with ``chunk_size=256`` (the new default) took
-0.76-1.00x (median 0.86x) the time of the autodiff chunk at 512 tokens (the previous default); losses equal to 6
-digits. The ``lora`` step (CE only, answer positions) was unchanged.
+elementwise pass for the gradient. When policy and reference share the head (every LoRA method), a single
+``[2, B, t, D] x [D, V]`` matmul writes the stacked logits, so nothing copies two ``[B, t, V]`` arrays into one.
+Autodiff of the per-token formulas (``closed_form=False``, and always for JSD, a temperature other than 1 or
+``grad_mode="remat"``) reads and writes several more ``[B, t, V]`` intermediates. Measured on the 2-core CPU VM
+(bench/README.md, session 11; 5 interleaved rounds, fresh process per arm): the SmolLM2 ``selfaug`` 4 x 256 step
+with ``chunk_size=256`` (the new default) took 0.76-1.00x (median 0.86x) the time of the autodiff chunk at 512
+tokens (the previous default); losses equal to 6 digits. The ``lora`` step (CE only, answer positions) was unchanged.
 
 Skipping unweighted positions (``skip_unweighted=True``, the default; ``loss.skip_unweighted``): a position counts only
 if it has a CE target or is aligned, so a chunk holding none is not projected at all (a ``lax.cond`` in the scan
