@@ -18,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--batch", "2", "--seq", "24", "--attention-chunk", "8", "--lora-rank", "4", "--chunk-size", "16"]
 
 
+def load_bench_script(filename: str):
+    """A ``bench/`` script imported as a module (``bench_<name>``), without running its ``main``."""
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(filename).stem}", ROOT / "bench" / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def step_bench():
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
@@ -219,9 +227,7 @@ def test_abstract_compile_of_a_7b_layer_on_8_fake_devices(step_bench, tmp_path):
 
 def test_loss_chunk_bench_parses_arms_and_rejects_bad_ones():
     """bench/loss_chunk.py's --arms: CHUNK:closed / CHUNK:autodiff, one clear error otherwise."""
-    spec = importlib.util.spec_from_file_location("bench_loss_chunk", ROOT / "bench" / "loss_chunk.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench_script("loss_chunk.py")
     assert module.parse_arms("512:autodiff,256:closed") == [(512, False), (256, True)]
     with pytest.raises(ValueError, match="'256:fast'"):
         module.parse_arms("256:fast")
@@ -230,9 +236,7 @@ def test_loss_chunk_bench_parses_arms_and_rejects_bad_ones():
 def test_profile_step_files_each_loss_matmul_under_the_head():
     """bench/profile_step.py's component table: the head projections (separate, and the closed-form chunk's one
     stacked policy + reference matmul through a shared head) are head matmuls, not softmax / KL work."""
-    spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "bench" / "profile_step.py")
-    prof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prof)
+    prof = load_bench_script("profile_step.py")
     body = "jit(train_step)/jvp()/while/body/closed_call/cond/branch_1_fun"
 
     def line(op: str) -> str:
@@ -249,9 +253,7 @@ def test_profile_step_attributes_gpu_kernels_by_name_then_by_hlo(capsys):
     Triton GEMMs by kernel name, other kernels through their ``hlo_op`` instruction, host planes ignored."""
     import types
 
-    spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "bench" / "profile_step.py")
-    prof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prof)
+    prof = load_bench_script("profile_step.py")
 
     def ev(name, start, dur, op=""):
         return types.SimpleNamespace(name=name, start_ns=start, duration_ns=dur, end_ns=start + dur,
@@ -279,9 +281,7 @@ def test_profile_step_attributes_gpu_kernels_by_name_then_by_hlo(capsys):
 def test_gpu_attention_check_runs_the_cpu_kernels_against_the_reference(tmp_path):
     """bench/gpu_attention.py on CPU (no cuDNN there): both XLA kernels within bf16 rounding of the float32
     reference, one record each, and auto resolving to xla_chunked."""
-    spec = importlib.util.spec_from_file_location("bench_gpu_attention", ROOT / "bench" / "gpu_attention.py")
-    ga = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ga)
+    ga = load_bench_script("gpu_attention.py")
     out = tmp_path / "attn.jsonl"
     recs = ga.main(["--batch", "2", "--seq", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                     "--q-chunk", "8", "--repeats", "1", "--out", str(out)])
@@ -295,9 +295,7 @@ def test_gpu_attention_check_runs_the_cpu_kernels_against_the_reference(tmp_path
 def test_reduce_fusion_bench_sums_the_divergence_both_ways(tmp_path):
     """bench/reduce_fusion.py on a tiny chunk: every arm timed, one record each, and the matrix-vector divergence sum
     (reductions.sum_last_axis, the loss chunk's form) equal to the fused reduction to float32 rounding."""
-    spec = importlib.util.spec_from_file_location("bench_reduce_fusion", ROOT / "bench" / "reduce_fusion.py")
-    rf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rf)
+    rf = load_bench_script("reduce_fusion.py")
     out = tmp_path / "reduce.jsonl"
     recs = rf.main(["--batch", "2", "--chunk-tokens", "8", "--vocab", "512", "--reps", "1", "--out", str(out)])
     assert [r["arm"] for r in recs] == ["sum", "sum_plus1", "exp_sum", "kl_fused", "kl_matvec"]
