@@ -41,13 +41,10 @@ def test_bad_sizes_are_refused_before_any_measurement():
 
 
 def _load_matmul_peak():
-    import importlib.util
+    from script_modules import load_script
 
     sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("matmul_peak", ROOT / "bench" / "matmul_peak.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/matmul_peak.py", "matmul_peak")
 
 
 def test_a_native_crash_is_rerun_and_counted_but_a_python_error_is_not(tmp_path, capsys):

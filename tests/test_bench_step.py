@@ -1,7 +1,6 @@
 """``bench/step.py`` and its helpers: FLOP model, synthetic batch, peak cache, and real runs of every mode on tiny
 models (JAX step, truncation, the PyTorch side-by-side, bf16 vs fp32 losses, the abstract 7B compile)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from selfaug_jax.models import ModelConfig
+from script_modules import load_script
 from torch_reference import make_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,19 +20,12 @@ TINY_ARGS = ["--batch", "2", "--seq", "24", "--attention-chunk", "8", "--lora-ra
 
 def load_bench_script(filename: str):
     """A ``bench/`` script imported as a module (``bench_<name>``), without running its ``main``."""
-    spec = importlib.util.spec_from_file_location(f"bench_{Path(filename).stem}", ROOT / "bench" / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"bench/{filename}", f"bench_{Path(filename).stem}")
 
 
 @pytest.fixture(scope="module")
 def step_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("bench/step.py", "bench_step", register=True)
     sys.modules.pop("bench_step", None)
 
 

@@ -8,7 +8,6 @@ user turn; each must tokenize to exactly the same ids and labels.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from selfaug_jax.data.formats import check_columns, iter_records, read_formatted
 from selfaug_jax.data.readers import ReaderStats, read_examples, resolve_format
 from selfaug_jax.data.schema import DataFormatError
 from selfaug_jax.models import DEFAULT_MODEL, load_tokenizer
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "formats"
@@ -143,10 +143,7 @@ def test_column_mapping_errors_name_column_and_file(tmp_path):
 
 
 def _run_main():
-    spec = importlib.util.spec_from_file_location("selfaug_run_main", REPO / "experiments" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("experiments/run.py", "selfaug_run_main").main
 
 
 @pytest.mark.parametrize("args,expected", [

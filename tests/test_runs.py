@@ -1,9 +1,7 @@
 """Runs of one experiment (selfaug_jax/experiment/runs.py, selfaug_jax/run_names.py): sweep parsing and naming,
 which methods a swept key applies to, per-method overrides, and the errors (one line naming the key)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,15 +9,11 @@ from selfaug_jax import methods as methods_lib
 from selfaug_jax.experiment.config import ConfigError, build_config
 from selfaug_jax.experiment.runs import parse_sweep_arg, plan_runs, run_config, sweep_override
 from selfaug_jax.run_names import dir_name, format_value, run_name, scaled_name, short_keys, split_run_name
-
-ROOT = Path(__file__).resolve().parents[1]
+from script_modules import load_script
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("run_cli", ROOT / "experiments" / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/run.py", "run_cli")
 
 
 def test_sweep_values_are_parsed_like_overrides():
