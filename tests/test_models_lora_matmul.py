@@ -12,6 +12,7 @@ from selfaug_jax.models.lora_matmul import (
     dropout_threshold,
     effective_keep_scale,
     lora_update,
+    random_words,
 )
 
 
@@ -54,15 +55,39 @@ def test_dropout_mask_rate_shape_and_determinism():
     p_eff = 3277 / 65536
     assert effective_keep_scale(rate) == pytest.approx(1.0 / (1.0 - p_eff), rel=1e-12)
     key = jax.random.key(3)
-    keep = np.asarray(dropout_keep_mask(key, (64, 32, 513), rate))  # odd last axis: the halves are cut to size
+    keep = np.asarray(dropout_keep_mask(key, (64, 32, 513), rate))  # 513 = 4 * 129 - 3: the quarters are cut to size
     assert keep.shape == (64, 32, 513) and keep.dtype == bool
     n = keep.size
     dropped = n - keep.sum()
     sigma = np.sqrt(n * p_eff * (1 - p_eff))
     assert abs(dropped - n * p_eff) < 5 * sigma
-    # both 16-bit halves of each word are used: the drop rate holds in each half of the last axis separately
-    for half in (keep[..., :257], keep[..., 257:]):
-        m = half.size
-        assert abs((m - half.sum()) - m * p_eff) < 5 * np.sqrt(m * p_eff * (1 - p_eff))
+    # all four 16-bit draws of each hash are used: the drop rate holds in each quarter of the last axis
+    for q in range(4):
+        part = keep[..., q * 129:(q + 1) * 129]
+        m = part.size
+        assert abs((m - part.sum()) - m * p_eff) < 5 * np.sqrt(m * p_eff * (1 - p_eff))
+    # draws from one hash are independent: P(both dropped) ~ p^2 for the low and high half of a word
+    both = np.mean(~keep[..., :129] & ~keep[..., 129:258])
+    assert abs(both - p_eff**2) < 5 * np.sqrt(p_eff**2 / keep[..., :129].size)
     np.testing.assert_array_equal(keep, np.asarray(dropout_keep_mask(key, (64, 32, 513), rate)))
     assert not np.array_equal(keep, np.asarray(dropout_keep_mask(jax.random.key(4), (64, 32, 513), rate)))
+
+
+def test_random_words_are_threefry_of_positions():
+    """Element (i, j, k) of a ``(2, 3, 7)`` draw is Threefry-2x32 of the counter ``(k, 3 i + j)`` under two words
+    drawn from the key (both output words kept), checked against ``jax.extend.random.threefry_2x32``."""
+    from jax.extend.random import threefry_2x32
+
+    key = jax.random.key(5)
+    first, second = random_words(key, (2, 3, 7))
+    k = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    cols = np.broadcast_to(np.arange(7, dtype=np.uint32), (2, 3, 7)).ravel()
+    rows = np.broadcast_to(np.arange(6, dtype=np.uint32).reshape(2, 3, 1), (2, 3, 7)).ravel()
+    expected = np.asarray(threefry_2x32(k, np.concatenate([cols, rows])))  # hashes (cols[i], rows[i]) pairs
+    np.testing.assert_array_equal(np.asarray(first).ravel(), expected[:42])
+    np.testing.assert_array_equal(np.asarray(second).ravel(), expected[42:])
+    assert len(set(expected.tolist())) == 84  # 84 distinct words (a 32-bit collision here: a 1e-6 event)
+    raw_first, _ = random_words(jax.random.PRNGKey(5), (2, 3, 7))  # a raw uint32 key with the same data
+    np.testing.assert_array_equal(np.asarray(raw_first), np.asarray(first))
+    with pytest.raises(ValueError, match="wider than 32 bits"):
+        jax.eval_shape(lambda kk: random_words(kk, (1 << 16, 1 << 16, 2)), key)

@@ -9,11 +9,11 @@ Why not plain autodiff (measured on XLA:CPU, SmolLM2-135M ``selfaug`` step, 4 x 
   residuals) with strided loads: the two such fusions of ``down_proj`` alone were ~17% of the step. Here the
   gradient is ``(d_xaᵀ @ x_drop)ᵀ``: the small ``[tokens, r]`` operand is transposed and ``x_drop`` is read in its
   natural layout. ``dB = xaᵀ @ g`` likewise transposes only ``xa`` ``[tokens, r]``.
-* **Dropout bits.** :func:`dropout_keep_mask` draws 16 random bits per element by splitting each 32-bit word of
-  one ``jax.random.bits`` call into two halves, instead of ``jax.random.bernoulli``'s one full float32 uniform per
-  element (with ``jax_threefry_partitionable``, the default, narrower ``bits`` dtypes still cost a full 32-bit
-  hash each): 3.6 ms vs 14.2 ms CPU for one ``[4, 256, 1536]`` mask, and the mask is drawn twice per layer and step
-  (forward, and again in the remat backward).
+* **Dropout bits.** :func:`dropout_keep_mask` draws 16 random bits per element, four per Threefry hash: both
+  64-bit output words of each hash (:func:`random_words`). ``jax.random.bernoulli`` hashes a full float32 uniform per
+  element, and ``jax.random.bits`` (with ``jax_threefry_partitionable``, the default) one hash per 32-bit word, the
+  XOR of its two output words: 3.6 ms vs 14.2 ms CPU for one ``[4, 256, 1536]`` mask with ``bits`` (session 4), and
+  half of that hashing again with both words (session 18).
 
 This project's reading of LoRA dropout (PEFT applies ``torch.nn.Dropout(p)`` to the adapter input): an element is
 kept when its 16-bit draw is ``>= round(p * 2**16)``, so the drop probability is ``p`` rounded to a multiple of
@@ -27,10 +27,12 @@ Values equal the autodiff formulation's; gradients equal it up to float summatio
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend.random import threefry2x32_p
 
 _BITS = 16  # random bits per element of the dropout mask
 
@@ -45,17 +47,46 @@ def effective_keep_scale(rate: float) -> float:
     return 1.0 / (1.0 - dropout_threshold(rate) / (1 << _BITS))
 
 
+def random_words(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Two uint32 arrays of ``shape``, the two output words of one Threefry-2x32 hash per element: 64 random bits.
+
+    The hash key is two words drawn from ``rng`` (any jax key type), the counter of an element is its position:
+    ``(last-axis index, flat index over the leading axes)``. Elementwise, as jax's partitionable Threefry, so a
+    sharded array's shards hash their own elements. jax's primitive (``jax.extend.random.threefry2x32_p``) keeps
+    its lowering: on CPU a rolled loop, whose output XLA materialises rather than fusing twenty rounds into every
+    consumer of the mask (session 18: inline rounds were fused into the single-threaded store of the mask for the
+    backward, and recomputed once per element there).
+    """
+    rows = math.prod(shape[:-1])
+    if rows >= 1 << 32 or shape[-1] >= 1 << 32:
+        raise ValueError(f"random_words: shape {shape} needs Threefry counters wider than 32 bits")
+    key = jax.random.bits(rng, (2,), jnp.uint32)
+    col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
+    row = jnp.zeros(shape, jnp.uint32)
+    for axis, stride in zip(range(len(shape) - 1), _strides(shape[:-1])):
+        row = row + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    first, second = threefry2x32_p.bind(key[0], key[1], col, row)
+    return first, second
+
+
+def _strides(lead: tuple[int, ...]) -> list[int]:
+    """Row-major strides of the leading axes (the flat row index is ``sum(index * stride)``)."""
+    return [math.prod(lead[axis + 1:]) for axis in range(len(lead))]
+
+
 def dropout_keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jnp.ndarray:
     """Boolean keep mask of ``shape`` (True = keep) for drop probability ``rate`` (see the module docstring).
 
-    One ``jax.random.bits`` call draws ``ceil(n / 2)`` 32-bit words along the last axis; their low and high halves are
-    the 16-bit draws of the first and second half of that axis.
+    ``q = ceil(n / 4)`` hashes along the last axis (:func:`random_words`); the low and high halves of their first
+    output words are the 16-bit draws of the first and second quarter of that axis, those of their second words the
+    third and fourth quarter.
     """
-    last = shape[-1]
-    half = (last + 1) // 2
-    words = jax.random.bits(rng, tuple(shape[:-1]) + (half,), jnp.uint32)
-    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :last]
-    return draws >= jnp.uint32(dropout_threshold(rate))
+    lead, last = tuple(shape[:-1]), shape[-1]
+    quarter = -(-last // 4)
+    first_w, second_w = random_words(rng, lead + (quarter,))
+    threshold = jnp.uint32(dropout_threshold(rate))
+    draws = (first_w & 0xFFFF, first_w >> 16, second_w & 0xFFFF, second_w >> 16)
+    return jnp.concatenate([d >= threshold for d in draws], axis=-1)[..., :last]
 
 
 def lora_update(x: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, keep: jnp.ndarray | None, scale: float,
