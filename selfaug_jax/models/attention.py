@@ -256,13 +256,28 @@ softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
 def _attention_block(
     q_bthd: jnp.ndarray, k_bskd: jnp.ndarray, v_bskd: jnp.ndarray, mask_bts: jnp.ndarray
 ) -> jnp.ndarray:
-    """Dense GQA attention of all ``t`` queries against all ``s`` keys (the unchunked kernel)."""
+    """Dense GQA attention of all ``t`` queries against all ``s`` keys (the unchunked kernel).
+
+    The matmuls run head-major: the ``g`` query heads of a kv head and their ``t`` queries are one row axis
+    ``m = g * t`` of ``q_bkmd``, and keys and values are ``[b, k, s, d]``, so both einsums (and their gradients) are
+    plain batched matmuls over ``(b, k)`` with the contracted axis leading or trailing. Written with ``b t k g d``
+    operands instead, XLA:CPU transposed the ``[b, k, g, t, s]`` probabilities and scores (and their gradients) for
+    every matmul, and ran the backward's ``[s, m]``-contracting matmuls (``dk``, ``dv``) on those copies. Head-major,
+    XLA:CPU runs those two as plain dots on the untransposed operands. SmolLM2-135M's attention (4 x 256, 9 / 3
+    heads, float32) took 29.7 ms per layer forward + backward against 14.5-16.0 ms head-major; the whole ``selfaug``
+    step 6.47 vs 6.89 s at 4 x 256 and 19.8 vs 28.0 s at 1 x 2048 (bench/README.md "Session 18"). The three input
+    transposes and the output one are ``[tokens, heads, d]``-sized, ``1 / g`` to ``d / s`` of a probability tensor.
+    """
     b, t, h, d = q_bthd.shape
-    k_heads = k_bskd.shape[2]
-    q_btkgd = q_bthd.reshape(b, t, k_heads, h // k_heads, d)
-    scores_bkgts = einsum_f32("btkgd,bskd->bkgts", q_btkgd, k_bskd, name=ATTENTION_MATMUL_NAME)
-    scores_bkgts = scores_bkgts * (1.0 / math.sqrt(d))
+    s, k_heads = k_bskd.shape[1], k_bskd.shape[2]
+    g = h // k_heads
+    q_bkmd = q_bthd.reshape(b, t, k_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k_heads, g * t, d)
+    k_bksd = k_bskd.transpose(0, 2, 1, 3)
+    v_bksd = v_bskd.transpose(0, 2, 1, 3)
+    scores_bkms = einsum_f32("bkmd,bksd->bkms", q_bkmd, k_bksd, name=ATTENTION_MATMUL_NAME)
+    scores_bkgts = scores_bkms.reshape(b, k_heads, g, t, s) * (1.0 / math.sqrt(d))
     scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, _MASK_VALUE)
-    probs_bkgts = softmax_last(scores_bkgts).astype(v_bskd.dtype)
-    out_btkgd = einsum_f32("bkgts,bskd->btkgd", probs_bkgts, v_bskd, name=ATTENTION_MATMUL_NAME)
-    return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
+    probs_bkms = softmax_last(scores_bkgts).astype(v_bskd.dtype).reshape(b, k_heads, g * t, s)
+    out_bkmd = einsum_f32("bkms,bksd->bkmd", probs_bkms, v_bksd, name=ATTENTION_MATMUL_NAME)
+    out_bthd = out_bkmd.reshape(b, k_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return out_bthd.astype(q_bthd.dtype)
