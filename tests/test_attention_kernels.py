@@ -290,3 +290,21 @@ def test_tiny_model_on_faked_tpu_runs_splash(monkeypatch):
     out = np.asarray(forward(DecoderLM(cfg, attention_impl="auto", rngs=nnx.Rngs(0))))
     assert used
     np.testing.assert_allclose(out[rows], ref[rows], rtol=0, atol=2e-5)
+
+
+def test_xla_chunked_attends_half_precision_in_float32_on_cpu_only(monkeypatch):
+    """bf16 inputs on CPU: float32 attention of the bf16 values, rounded once; on a (faked) GPU: bf16 einsums."""
+    q, k, v, mask, rows = _case("left_pad", t=16)
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    assert ak.attention_dtype(jnp.bfloat16, platform="cpu") == jnp.float32
+    assert ak.attention_dtype(jnp.bfloat16, platform="gpu") == jnp.bfloat16
+    assert ak.attention_dtype(jnp.float32, platform="cpu") == jnp.float32
+    out = ak.xla_chunked(q16, k16, v16, mask, q_chunk=5)
+    assert out.dtype == jnp.bfloat16
+    f32 = ak.xla_chunked(*(x.astype(jnp.float32) for x in (q16, k16, v16)), mask, q_chunk=5)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(f32.astype(jnp.bfloat16), np.float32))
+    monkeypatch.setattr(ak, "_platform", lambda: "gpu")
+    out_gpu = ak.xla_chunked(q16, k16, v16, mask, q_chunk=5)
+    bf16_ref = causal_block_skipping_attention(q16, k16, v16, mask.dense_bts, 5, mask.window)
+    np.testing.assert_array_equal(np.asarray(out_gpu, np.float32), np.asarray(bf16_ref, np.float32))
+    assert not np.array_equal(np.asarray(out_gpu, np.float32)[rows], np.asarray(out, np.float32)[rows])

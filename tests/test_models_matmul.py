@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jaxpr_tools import dot_eqns, dot_operand_dtypes
 
-from selfaug_jax.models import DecoderLM, ModelConfig
+from selfaug_jax.models import DecoderLM, ModelConfig, attention_kernels
 from selfaug_jax.models.matmul import einsum_f32
 from selfaug_jax.models.remat import ATTENTION_MATMUL_NAME, PROJECTION_NAME
 
@@ -102,7 +102,8 @@ def test_bad_subscripts():
 def _decoder_dots(dtype, policy):
     cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    model = DecoderLM(cfg, dtype=dtype, param_dtype=dtype, remat_policy=policy, rngs=nnx.Rngs(0))
+    model = DecoderLM(cfg, dtype=dtype, param_dtype=dtype, remat_policy=policy, attention_impl="xla_chunked",
+                      rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
 
@@ -114,18 +115,29 @@ def _decoder_dots(dtype, policy):
     # the float32 scores) are reductions, not matmuls of weights or activations: counted apart.
     row_sums = [eqn for eqn in dot_eqns(jaxpr) if eqn.invars[1].aval.ndim == 1]
     assert all(str(e.invars[0].aval.dtype) == "float32" for e in row_sums), row_sums
-    matmuls = [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype), str(e.outvars[0].aval.dtype))
-               for e in dot_eqns(jaxpr) if e.invars[1].aval.ndim > 1]
-    return matmuls, str(jaxpr), len(row_sums)
+
+    def dtypes(e):
+        return str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype), str(e.outvars[0].aval.dtype)
+
+    # attention's einsums are batched over (b, k); the projections' (forward, dx, dW) have no batch dimensions
+    matmuls = [e for e in dot_eqns(jaxpr) if e.invars[1].aval.ndim > 1]
+    projections = [dtypes(e) for e in matmuls if not e.params["dimension_numbers"][1][0]]
+    attention = [dtypes(e) for e in matmuls if e.params["dimension_numbers"][1][0]]
+    return projections, attention, str(jaxpr), len(row_sums)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
 @pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_saveable", "dots_and_acts"])
-def test_bfloat16_decoder_keeps_its_remat_policy_and_runs_bfloat16_matmuls(policy):
-    """Every matmul of the bf16 decoder's gradient is bf16 x bf16, and each remat policy recomputes exactly the
-    matmuls it recomputes in float32: the policies save by name, and the names are the same in both dtypes."""
-    dots16, text16, sums16 = _decoder_dots(jnp.bfloat16, policy)
-    dots32, _, sums32 = _decoder_dots(jnp.float32, policy)
-    assert set(dots16) == {("bfloat16", "bfloat16", "float32")}, set(dots16)
-    assert len(dots16) == len(dots32), (len(dots16), len(dots32))
+def test_bfloat16_decoder_keeps_its_remat_policy_and_runs_bfloat16_matmuls(policy, platform, monkeypatch):
+    """Every projection matmul of the bf16 decoder's gradient is bf16 x bf16; attention's are too on a (faked) GPU,
+    and float32 on CPU (``attention_kernels.attention_dtype``). Each remat policy recomputes exactly the matmuls it
+    recomputes in float32: the policies save by name, and the names are the same in both dtypes."""
+    monkeypatch.setattr(attention_kernels, "_platform", lambda: platform)
+    proj16, attn16, text16, sums16 = _decoder_dots(jnp.bfloat16, policy)
+    proj32, attn32, _, sums32 = _decoder_dots(jnp.float32, policy)
+    assert set(proj16) == {("bfloat16", "bfloat16", "float32")}, set(proj16)
+    attn_dtype = "float32" if platform == "cpu" else "bfloat16"
+    assert set(attn16) == {(attn_dtype, attn_dtype, "float32")}, set(attn16)
+    assert (len(proj16), len(attn16)) == (len(proj32), len(attn32)) and len(attn16) > 0, (proj16, attn16)
     assert sums16 == sums32 > 0, (sums16, sums32)  # the float32 softmax-backward sums, the same in both dtypes
     assert f"name={PROJECTION_NAME}" in text16 and f"name={ATTENTION_MATMUL_NAME}" in text16

@@ -5,7 +5,8 @@
 - ``"xla_chunked"``: :func:`~selfaug_jax.models.attention.grouped_query_attention`, this project's dense GQA einsum,
   query-chunked by ``attention_chunk`` (the reference every other kernel is tested against; any mask). For the
   cache-free forward's causal mask it is ``causal_block_skipping_attention``: each query chunk attends only to the
-  keys up to its last query (about half the work at many chunks), with the same values on every row.
+  keys up to its last query (about half the work at many chunks), with the same values on every row. On CPU it
+  attends half-precision inputs in float32 (:func:`attention_dtype`: measured faster there).
 - ``"dot_product"``: ``jax.nn.dot_product_attention(implementation="xla")`` with the dense boolean mask (any mask;
   unchunked, so it holds a float32 ``[b, heads, t, t]`` score tensor per layer).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN flash attention (GPU; bfloat16 /
@@ -120,10 +121,34 @@ def check_attention_impl(impl: str) -> None:
 def xla_chunked(q_bthd, k_bskd, v_bskd, mask, q_chunk: int | None = None) -> jax.Array:
     """This project's GQA einsum, query-chunked. A :class:`ForwardMask` (always causal, queries and keys sharing
     the sequence index) takes ``causal_block_skipping_attention``, which skips the key blocks above the diagonal
-    (and left of a static window); a plain mask takes ``grouped_query_attention`` over all keys."""
+    (and left of a static window); a plain mask takes ``grouped_query_attention`` over all keys.
+
+    On CPU, bfloat16 / float16 queries, keys and values are attended in float32 and the output is rounded back to
+    their dtype (:func:`attention_dtype`)."""
+    dtype = q_bthd.dtype
+    compute = attention_dtype(dtype)
+    q_bthd, k_bskd, v_bskd = (x.astype(compute) for x in (q_bthd, k_bskd, v_bskd))
     if isinstance(mask, ForwardMask):
-        return causal_block_skipping_attention(q_bthd, k_bskd, v_bskd, mask.dense_bts, q_chunk, mask.window)
-    return grouped_query_attention(q_bthd, k_bskd, v_bskd, mask, q_chunk)
+        out = causal_block_skipping_attention(q_bthd, k_bskd, v_bskd, mask.dense_bts, q_chunk, mask.window)
+    else:
+        out = grouped_query_attention(q_bthd, k_bskd, v_bskd, mask, q_chunk)
+    return out.astype(dtype)
+
+
+def attention_dtype(dtype, *, platform: str | None = None) -> jnp.dtype:
+    """The dtype ``xla_chunked`` runs its einsums in for inputs of ``dtype``: float32 for half precision on CPU,
+    else ``dtype``.
+
+    XLA:CPU (jaxlib 0.10.2) has bfloat16 dot kernels only for the plain ``[m, k] x [k, n]`` form; the attention
+    backward's ``dk`` / ``dv`` matmuls contract the query axis and it converted their bfloat16 operands to float32
+    anyway, after copies. In float32 throughout, the bf16 ``selfaug`` step took 4.56 / 4.47 s against 4.66 / 4.74 s
+    at 4 x 256 and 15.5 vs 16.7 s at 1 x 2048 (bench/README.md "Session 18"); the probabilities are not rounded to
+    bfloat16 before ``@ v``, so it is also closer to the float32 model. On GPU and TPU the half-precision kernels
+    are the fast ones, and ``xla_chunked`` keeps the inputs' dtype there.
+    """
+    dtype = jnp.dtype(dtype)
+    narrow = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return jnp.dtype(jnp.float32) if narrow and (platform or _platform()) == "cpu" else dtype
 
 
 def dot_product(q_bthd, k_bskd, v_bskd, mask, q_chunk: int | None = None) -> jax.Array:
