@@ -91,7 +91,7 @@ COMPONENTS = (  # (component, regex on the op's metadata op_name), first match w
      r"btd,dv->btv|btv,dv->btd|dv->btv|->btd/dot|,dv->|btd,vd->btv|btv,vd->btd|sbtd,(dv|vd)->sbtv"),
     # the fused loss's live-chunk branch (its skip_unweighted lax.cond, the only cond in the step) holds the rest
     ("loss: softmax/KL/CE", r"log_softmax|closed_call/jvp\(\)/|selfaug|_ce_|kl|cond/branch_\d+_fun"),
-    ("attention", r"bkgts|btkgd|softmax|attention|one_chunk"),
+    ("attention", r"bkgts|btkgd|bkmd|bkms|softmax|attention|one_chunk"),
     ("optimizer", r"adam|clip|global_norm|apply_updates|optax"),
 )
 
