@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    "traceback": traceback.format_exc()[-2000:]}
         rec = {**rec, **common}
         records.append(rec)
-        append_record(rec, args.out or "-", default=Path(os.devnull))  # no --out: stdout only
+        append_record(rec, args.out)  # no --out: stdout only
     return records
 
 

@@ -195,11 +195,12 @@ def log(args: argparse.Namespace, msg: str) -> None:
         print(f"[step.py {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def append_record(rec: dict[str, Any], out: str | None, default: Path) -> None:
-    """Print ``rec`` as one JSON line and append it to ``out`` (``default`` when None; nothing when ``-``)."""
+def append_record(rec: dict[str, Any], out: str | None, default: Path | None = None) -> None:
+    """Print ``rec`` as one JSON line and append it to ``out`` (``default`` when None; nothing when ``-``, or when
+    both are None)."""
     line = json.dumps(rec)
     print(line, flush=True)
-    if out == "-":
+    if out == "-" or (out is None and default is None):
         return
     path = Path(out) if out else default
     path.parent.mkdir(parents=True, exist_ok=True)
