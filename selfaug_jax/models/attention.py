@@ -266,7 +266,7 @@ def _attention_block(
     XLA:CPU runs those two as plain dots on the untransposed operands. SmolLM2-135M's attention (4 x 256, 9 / 3
     heads, float32) took 29.7 ms per layer forward + backward against 14.5-16.0 ms head-major; the whole ``selfaug``
     step 6.47 vs 6.89 s at 4 x 256 and 19.8 vs 28.0 s at 1 x 2048 (bench/README.md "Session 18"). The three input
-    transposes and the output one are ``[tokens, heads, d]``-sized, ``1 / g`` to ``d / s`` of a probability tensor.
+    transposes and the output one are ``[tokens, heads, d]``-sized: at most ``d / s`` of a probability tensor.
     """
     b, t, h, d = q_bthd.shape
     s, k_heads = k_bskd.shape[1], k_bskd.shape[2]
