@@ -295,3 +295,26 @@ def test_reduce_fusion_bench_sums_the_divergence_both_ways(tmp_path):
     assert len(out.read_text().splitlines()) == 5
     assert all(r["median_wall_ms"] > 0 for r in recs)
     assert 0 <= recs[0]["kl_matvec_vs_fused_max_rel_diff"] < 1e-5
+
+
+def test_attention_block_bench_times_the_kernel_the_model_runs(tmp_path, capsys):
+    """bench/attention_block.py on a tiny layer: both arms timed, one record each; the gradients it times (query
+    chunks, causal block skipping) equal the dense kernel's; bad head counts are one line."""
+    import jax
+    import jax.numpy as jnp
+
+    ab = load_bench_script("attention_block.py")
+    out = tmp_path / "attn.jsonl"
+    recs = ab.main(["--batch", "2", "--seq", "16", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+                    "--q-chunk", "4", "--reps", "1", "--out", str(out)])
+    assert [r["arm"] for r in recs] == ["forward", "forward_backward"] and all(r["median_wall_ms"] > 0 for r in recs)
+    assert len(out.read_text().splitlines()) == 2 and recs[0]["q_chunk"] == 4
+    args = ab.layer_inputs(2, 16, 4, 2, 8, "float32")
+    chunked = jax.jit(ab.arms(4)["forward_backward"])(*args)
+    dense = jax.jit(ab.arms(None)["forward_backward"])(*args)
+    for c, d in zip(chunked, dense):
+        assert float(jnp.max(jnp.abs(d))) > 1e-2
+        np.testing.assert_allclose(np.asarray(c), np.asarray(d), rtol=0, atol=2e-5)
+    with pytest.raises(SystemExit):
+        ab.main(["--heads", "5", "--kv-heads", "2", "--out", "-"])
+    assert "--heads 5 must be a multiple of --kv-heads 2" in capsys.readouterr().err

@@ -264,9 +264,10 @@ def _attention_block(
     operands instead, XLA:CPU transposed the ``[b, k, g, t, s]`` probabilities and scores (and their gradients) for
     every matmul, and ran the backward's ``[s, m]``-contracting matmuls (``dk``, ``dv``) on those copies. Head-major,
     XLA:CPU runs those two as plain dots on the untransposed operands. SmolLM2-135M's attention (4 x 256, 9 / 3
-    heads, float32) took 29.7 ms per layer forward + backward against 14.5-16.0 ms head-major; the whole ``selfaug``
-    step 6.47 vs 6.89 s at 4 x 256 and 19.8 vs 28.0 s at 1 x 2048 (bench/README.md "Session 18"). The three input
-    transposes and the output one are ``[tokens, heads, d]``-sized: at most ``d / s`` of a probability tensor.
+    heads, float32) took 29.6 ms per layer forward + backward against 14.8 ms head-major, and 399 vs 213 ms at
+    1 x 2048 (``bench/attention_block.py``); the whole ``selfaug`` step 6.47 vs 6.89 s at 4 x 256 and 19.8 vs 28.0 s
+    at 1 x 2048 (bench/README.md "Session 18"). The three input transposes and the output one are
+    ``[tokens, heads, d]``-sized: at most ``d / s`` of a probability tensor.
     """
     b, t, h, d = q_bthd.shape
     s, k_heads = k_bskd.shape[1], k_bskd.shape[2]
