@@ -48,6 +48,7 @@ import jax.extend.backend
 import jax.numpy as jnp
 
 from selfaug_jax.models.attention import causal_block_skipping_attention, grouped_query_attention
+from selfaug_jax.models.matmul import NARROW_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def attention_dtype(dtype, *, platform: str | None = None) -> jnp.dtype:
     are the fast ones, and ``xla_chunked`` keeps the inputs' dtype there.
     """
     dtype = jnp.dtype(dtype)
-    narrow = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    narrow = dtype in NARROW_DTYPES
     return jnp.dtype(jnp.float32) if narrow and (platform or _platform()) == "cpu" else dtype
 
 
