@@ -62,16 +62,13 @@ def random_words(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jnp.ndarray, j
         raise ValueError(f"random_words: shape {shape} needs Threefry counters wider than 32 bits")
     key = jax.random.bits(rng, (2,), jnp.uint32)
     col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
-    row = jnp.zeros(shape, jnp.uint32)
-    for axis, stride in zip(range(len(shape) - 1), _strides(shape[:-1])):
+    row = jnp.zeros(shape, jnp.uint32)  # flat row-major index over the leading axes
+    stride = 1
+    for axis in reversed(range(len(shape) - 1)):
         row = row + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
     first, second = threefry2x32_p.bind(key[0], key[1], col, row)
     return first, second
-
-
-def _strides(lead: tuple[int, ...]) -> list[int]:
-    """Row-major strides of the leading axes (the flat row index is ``sum(index * stride)``)."""
-    return [math.prod(lead[axis + 1:]) for axis in range(len(lead))]
 
 
 def dropout_keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jnp.ndarray:
