@@ -84,7 +84,7 @@ def categorize(hlo_line: str, name: str, dot_computations: frozenset[str] = froz
 
 
 COMPONENTS = (  # (component, regex on the op's metadata op_name), first match wins
-    ("lora-dropout bits", r"bernoulli|random_bits|threefry|_uniform"),
+    ("lora-dropout bits", r"lora_dropout_hash|bernoulli|random_bits|threefry|_uniform"),
     # the head as [D, V] ("dv") or as the tied embedding [V, D] ("vd", loss.head_layout)
     # ("sbtd,..->sbtv": policy and reference stacked through one shared head, the closed-form chunk)
     ("loss: head matmuls",

@@ -1,4 +1,4 @@
-"""The LoRA branch's custom VJP and 16-bit dropout masks (selfaug_jax/models/lora_matmul.py)."""
+"""The LoRA branch's custom VJP and hashed 16-bit dropout masks (selfaug_jax/models/lora_matmul.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from selfaug_jax.models.lora_matmul import (
     dropout_keep_mask,
     dropout_threshold,
     effective_keep_scale,
+    hashed_words,
     lora_update,
-    random_words,
 )
 
 
@@ -49,45 +49,72 @@ def test_lora_update_value_and_grads_match_float64_formula(with_dropout):
         assert np.all(np.asarray(dx)[~np.asarray(keep)] == 0.0)
 
 
+def _within(count, n, p, sigmas=5.0):
+    """``count`` successes of ``n`` Bernoulli(p) trials lie within ``sigmas`` standard deviations of ``n p``."""
+    return abs(count - n * p) < sigmas * np.sqrt(n * p * (1 - p))
+
+
 def test_dropout_mask_rate_shape_and_determinism():
     rate = 0.05
     assert dropout_threshold(rate) == 3277  # round(0.05 * 65536)
     p_eff = 3277 / 65536
     assert effective_keep_scale(rate) == pytest.approx(1.0 / (1.0 - p_eff), rel=1e-12)
     key = jax.random.key(3)
-    keep = np.asarray(dropout_keep_mask(key, (64, 32, 513), rate))  # 513 = 4 * 129 - 3: the quarters are cut to size
+    keep = np.asarray(dropout_keep_mask(key, (64, 32, 513), rate))  # 513 = 2 * 257 - 1: the halves are cut to size
     assert keep.shape == (64, 32, 513) and keep.dtype == bool
-    n = keep.size
-    dropped = n - keep.sum()
-    sigma = np.sqrt(n * p_eff * (1 - p_eff))
-    assert abs(dropped - n * p_eff) < 5 * sigma
-    # all four 16-bit draws of each hash are used: the drop rate holds in each quarter of the last axis
-    for q in range(4):
-        part = keep[..., q * 129:(q + 1) * 129]
-        m = part.size
-        assert abs((m - part.sum()) - m * p_eff) < 5 * np.sqrt(m * p_eff * (1 - p_eff))
-    # draws from one hash are independent: P(both dropped) ~ p^2 for the low and high half of a word
-    both = np.mean(~keep[..., :129] & ~keep[..., 129:258])
-    assert abs(both - p_eff**2) < 5 * np.sqrt(p_eff**2 / keep[..., :129].size)
+    assert _within(keep.size - keep.sum(), keep.size, p_eff)
+    # both 16-bit draws of each word are used: the drop rate holds in each half of the last axis
+    for part in (keep[..., :257], keep[..., 257:]):
+        assert _within(part.size - part.sum(), part.size, p_eff)
+    # the two draws of one word are independent: P(both dropped) ~ p^2 for its low and high half
+    low, high = ~keep[..., :256], ~keep[..., 257:513]
+    assert _within(np.sum(low & high), low.size, p_eff**2)
     np.testing.assert_array_equal(keep, np.asarray(dropout_keep_mask(key, (64, 32, 513), rate)))
-    assert not np.array_equal(keep, np.asarray(dropout_keep_mask(jax.random.key(4), (64, 32, 513), rate)))
 
 
-def test_random_words_are_threefry_of_positions():
-    """Element (i, j, k) of a ``(2, 3, 7)`` draw is Threefry-2x32 of the counter ``(k, 3 i + j)`` under two words
-    drawn from the key (both output words kept), checked against ``jax.extend.random.threefry_2x32``."""
-    from jax.extend.random import threefry_2x32
+def test_dropout_masks_are_independent_across_positions_and_keys():
+    """Neighbouring elements (along the last axis, and the same column of neighbouring rows) and the masks of two
+    keys agree as often as independent Bernoulli(p) draws do (p = 0.3 for power), within 5 sigma."""
+    p = dropout_threshold(0.3) / 65536
+    agree = p**2 + (1 - p) ** 2
+    keep = np.asarray(dropout_keep_mask(jax.random.key(11), (256, 1024), 0.3))
+    pairs = {
+        "last axis": (keep[:, :-1], keep[:, 1:]),
+        "rows": (keep[:-1], keep[1:]),
+        "keys": (keep, np.asarray(dropout_keep_mask(jax.random.key(12), (256, 1024), 0.3))),
+        "folded keys": (keep, np.asarray(dropout_keep_mask(jax.random.fold_in(jax.random.key(11), 1), (256, 1024),
+                                                           0.3))),
+    }
+    for name, (u, v) in pairs.items():
+        assert _within(np.sum(u == v), u.size, agree), name
 
+
+def _mix32_reference(x: np.ndarray) -> np.ndarray:
+    """lowbias32 in NumPy ``uint32`` arithmetic (multiplication wraps modulo 2**32)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def test_hashed_words_are_the_keyed_hash_of_positions():
+    """Element ``i`` (flat row-major) of a ``(2, 3, 7)`` draw is ``mix(mix(i ^ k0) ^ k1)`` with ``(k0, k1)`` two words
+    drawn from the key, checked against a NumPy implementation; the 16-bit draws are uniform (chi-square)."""
     key = jax.random.key(5)
-    first, second = random_words(key, (2, 3, 7))
-    k = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
-    cols = np.broadcast_to(np.arange(7, dtype=np.uint32), (2, 3, 7)).ravel()
-    rows = np.broadcast_to(np.arange(6, dtype=np.uint32).reshape(2, 3, 1), (2, 3, 7)).ravel()
-    expected = np.asarray(threefry_2x32(k, np.concatenate([cols, rows])))  # hashes (cols[i], rows[i]) pairs
-    np.testing.assert_array_equal(np.asarray(first).ravel(), expected[:42])
-    np.testing.assert_array_equal(np.asarray(second).ravel(), expected[42:])
-    assert len(set(expected.tolist())) == 84  # 84 distinct words (a 32-bit collision here: a 1e-6 event)
-    raw_first, _ = random_words(jax.random.PRNGKey(5), (2, 3, 7))  # a raw uint32 key with the same data
-    np.testing.assert_array_equal(np.asarray(raw_first), np.asarray(first))
-    with pytest.raises(ValueError, match="wider than 32 bits"):
-        jax.eval_shape(lambda kk: random_words(kk, (1 << 16, 1 << 16, 2)), key)
+    words = np.asarray(hashed_words(key, (2, 3, 7)))
+    k0, k1 = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    position = np.arange(42, dtype=np.uint32).reshape(2, 3, 7)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(words, _mix32_reference(_mix32_reference(position ^ k0) ^ k1))
+    assert words.dtype == np.uint32 and len(set(words.ravel().tolist())) == 42
+    raw = hashed_words(jax.random.PRNGKey(5), (2, 3, 7))  # a raw uint32 key with the same data
+    np.testing.assert_array_equal(np.asarray(raw), words)
+    many = np.asarray(hashed_words(jax.random.key(6), (1 << 19,)))
+    for draws in (many & 0xFFFF, many >> 16):
+        counts = np.bincount(draws >> 10, minlength=64)  # 64 bins of the 16-bit draw
+        expected = draws.size / 64
+        chi2 = float(np.sum((counts - expected) ** 2 / expected))
+        assert chi2 < 130.0, chi2  # 63 degrees of freedom: P(chi2 > 130) < 1e-6
+    with pytest.raises(ValueError, match="positions must fit in 32 bits"):
+        jax.eval_shape(lambda kk: hashed_words(kk, (1 << 16, 1 << 16, 2)), key)

@@ -32,7 +32,7 @@ from selfaug_jax.models.attention_kernels import ForwardMask, attend, check_atte
 from selfaug_jax.models.config import ModelConfig
 from selfaug_jax.models.lora_matmul import effective_keep_scale, keep_mask_or_none, lora_update
 from selfaug_jax.models.matmul import einsum_f32
-from selfaug_jax.models.remat import DROPOUT_KEEP_NAME, PROJECTION_NAME, REMAT_POLICIES
+from selfaug_jax.models.remat import PROJECTION_NAME, REMAT_POLICIES
 from selfaug_jax.models.scan_params import layer_params, scan_inputs
 from selfaug_jax.models.swiglu import swiglu
 from selfaug_jax.models.taps import LayerTaps, TapDict
@@ -115,10 +115,8 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(jnp.float32)
         if self.lora_a is not None:
             # The adapter branch and its backward live in lora_matmul.py (a custom VJP: layout-friendly adapter
-            # gradients, 16-bit dropout draws; measured in bench/README.md "Session 4").
+            # gradients, hashed 16-bit dropout draws; bench/README.md "Session 4" and "Session 19").
             keep = keep_mask_or_none(dropout_rng, x.shape, self.lora_dropout)
-            if keep is not None:
-                keep = checkpoint_name(keep, DROPOUT_KEEP_NAME)
             a = self.lora_a[...].astype(self.dtype)
             b = self.lora_b[...].astype(self.dtype)
             y = y + lora_update(x, a, b, keep, self.lora_scale, effective_keep_scale(self.lora_dropout))

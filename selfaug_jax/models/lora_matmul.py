@@ -9,11 +9,14 @@ Why not plain autodiff (measured on XLA:CPU, SmolLM2-135M ``selfaug`` step, 4 x 
   residuals) with strided loads: the two such fusions of ``down_proj`` alone were ~17% of the step. Here the
   gradient is ``(d_xaᵀ @ x_drop)ᵀ``: the small ``[tokens, r]`` operand is transposed and ``x_drop`` is read in its
   natural layout. ``dB = xaᵀ @ g`` likewise transposes only ``xa`` ``[tokens, r]``.
-* **Dropout bits.** :func:`dropout_keep_mask` draws 16 random bits per element, four per Threefry hash: both
-  64-bit output words of each hash (:func:`random_words`). ``jax.random.bernoulli`` hashes a full float32 uniform per
-  element, and ``jax.random.bits`` (with ``jax_threefry_partitionable``, the default) one hash per 32-bit word, the
-  XOR of its two output words: 3.6 ms vs 14.2 ms CPU for one ``[4, 256, 1536]`` mask with ``bits`` (session 4), and
-  half of that hashing again with both words (session 18).
+* **Dropout bits.** :func:`dropout_keep_mask` draws 16 random bits per element, two per 32-bit word of
+  :func:`hashed_words`: a keyed integer hash of the element's position, a dozen ``uint32`` operations that XLA fuses
+  into whatever reads the mask. So no remat policy saves the masks: the backward hashes the same positions again
+  inside its own fusions, at less cost than storing a bool per element and reading it back (bench/README.md
+  "Session 19": 4-5% off the SmolLM2 ``lora`` / ``selfaug`` steps at 4 x 256 against Threefry draws saved for the
+  backward). jax's Threefry (``jax.random.bits``, or its primitive with both output words kept, as sessions 4-18
+  did) lowers on CPU to a rolled loop whose output XLA must materialise and copy every round; written out as
+  ``uint32`` code its twenty rounds were too costly to recompute in every reader (session 18).
 
 This project's reading of LoRA dropout (PEFT applies ``torch.nn.Dropout(p)`` to the adapter input): an element is
 kept when its 16-bit draw is ``>= round(p * 2**16)``, so the drop probability is ``p`` rounded to a multiple of
@@ -32,7 +35,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.random import threefry2x32_p
 
 _BITS = 16  # random bits per element of the dropout mask
 
@@ -47,43 +49,54 @@ def effective_keep_scale(rate: float) -> float:
     return 1.0 / (1.0 - dropout_threshold(rate) / (1 << _BITS))
 
 
-def random_words(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Two uint32 arrays of ``shape``, the two output words of one Threefry-2x32 hash per element: 64 random bits.
+# lowbias32's multipliers (C. Wellons, "Prospecting for Hash Functions", 2018, github.com/skeeto/hash-prospector):
+# an invertible 32-bit mix whose output bits each flip with probability 0.5 +- 0.0017 for any flipped input bit.
+_MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
-    The hash key is two words drawn from ``rng`` (any jax key type), the counter of an element is its position:
-    ``(last-axis index, flat index over the leading axes)``. Elementwise, as jax's partitionable Threefry, so a
-    sharded array's shards hash their own elements. jax's primitive (``jax.extend.random.threefry2x32_p``) keeps
-    its lowering: on CPU a rolled loop, whose output XLA materialises rather than fusing twenty rounds into every
-    consumer of the mask (session 18: inline rounds were fused into the single-threaded store of the mask for the
-    backward, and recomputed once per element there).
+
+def _mix32(x: jnp.ndarray) -> jnp.ndarray:
+    """lowbias32: ``xorshift 16, * m1, xorshift 15, * m2, xorshift 16`` on ``uint32`` (a bijection of 2**32)."""
+    m1, m2 = _MIX_MULTIPLIERS
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(m1)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(m2)
+    return x ^ (x >> 16)
+
+
+def hashed_words(rng: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
+    """``uint32`` array of ``shape``: ``mix(mix(position ^ k0) ^ k1)`` per element, 32 random bits each.
+
+    ``position`` is the element's flat row-major index, ``(k0, k1)`` two words drawn from ``rng`` (any jax key type)
+    and ``mix`` lowbias32 (:func:`_mix32`). Elementwise on positions, like jax's partitionable Threefry, so a
+    sharded array's shards hash their own elements and the bits do not depend on the mesh. Statistical quality is
+    that of a strong 32-bit hash, not a cryptographic generator: ample for dropout (tests check rates, independence
+    of neighbouring draws and of keys), not meant for anything else.
     """
-    rows = math.prod(shape[:-1])
-    if rows >= 1 << 32 or shape[-1] >= 1 << 32:
-        raise ValueError(f"random_words: shape {shape} needs Threefry counters wider than 32 bits")
-    key = jax.random.bits(rng, (2,), jnp.uint32)
-    col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
-    row = jnp.zeros(shape, jnp.uint32)  # flat row-major index over the leading axes
-    stride = 1
-    for axis in reversed(range(len(shape) - 1)):
-        row = row + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-        stride *= shape[axis]
-    first, second = threefry2x32_p.bind(key[0], key[1], col, row)
-    return first, second
+    size = math.prod(shape)
+    if size > 1 << 32:
+        raise ValueError(f"hashed_words: shape {shape} has {size} elements; positions must fit in 32 bits")
+    with jax.named_scope("lora_dropout_hash"):
+        key = jax.random.bits(rng, (2,), jnp.uint32)
+        position = jnp.zeros(shape, jnp.uint32)
+        stride = 1
+        for axis in reversed(range(len(shape))):
+            position = position + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+            stride *= shape[axis]
+        return _mix32(_mix32(position ^ key[0]) ^ key[1])
 
 
 def dropout_keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jnp.ndarray:
     """Boolean keep mask of ``shape`` (True = keep) for drop probability ``rate`` (see the module docstring).
 
-    ``q = ceil(n / 4)`` hashes along the last axis (:func:`random_words`); the low and high halves of their first
-    output words are the 16-bit draws of the first and second quarter of that axis, those of their second words the
-    third and fourth quarter.
+    ``h = ceil(n / 2)`` words along the last axis (:func:`hashed_words`); their low 16 bits are the draws of the
+    first half of that axis, their high 16 bits those of the second half.
     """
     lead, last = tuple(shape[:-1]), shape[-1]
-    quarter = -(-last // 4)
-    first_w, second_w = random_words(rng, lead + (quarter,))
+    half = -(-last // 2)
+    words = hashed_words(rng, lead + (half,))
     threshold = jnp.uint32(dropout_threshold(rate))
-    draws = (first_w & 0xFFFF, first_w >> 16, second_w & 0xFFFF, second_w >> 16)
-    return jnp.concatenate([d >= threshold for d in draws], axis=-1)[..., :last]
+    return jnp.concatenate([(words & 0xFFFF) >= threshold, (words >> 16) >= threshold], axis=-1)[..., :last]
 
 
 def lora_update(x: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, keep: jnp.ndarray | None, scale: float,

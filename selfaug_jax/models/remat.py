@@ -21,12 +21,10 @@ same value in every dtype.
   output (bias and LoRA update added, as many bytes): with the output saved, XLA fused the policy's primal forward
   differently from the reference's, and the step-0 feature-alignment term (``tests/test_feature_loss.py``) was
   ~1e-21 instead of exactly 0.
-* Every policy but ``full`` also keeps the LoRA dropout keep masks (:data:`DROPOUT_KEEP_NAME`, one bool per
-  element of each adapted projection's input). Without them the backward draws every mask again (its Threefry
-  hash over ``[tokens, in]``, seven projections per layer) only to reproduce the forward's bits. Saving them costs
-  one byte per element, 4,992 bytes per token and layer on SmolLM2 (about a quarter of what ``dots`` already keeps
-  in float32), and on SmolLM2 4 x 256 fp32 took 4-5% off the ``lora`` and ``selfaug`` steps' CPU time with
-  identical losses (bench/README.md "Session 17"). ``full`` keeps its minimum-memory meaning and draws them again.
+* No policy keeps the LoRA dropout keep masks: they are a cheap hash of each element's position
+  (``models/lora_matmul.py``), which the backward recomputes inside the fusions that read them, on the same bits.
+  Sessions 17-18 saved them (one bool per element) because their Threefry draws were costly to repeat; the hash
+  made both the saving and the stacked bool residuals unnecessary (bench/README.md "Session 19").
 * ``dots_saveable`` also keeps the attention einsums' outputs (:data:`ATTENTION_MATMUL_NAME`: scores and the
   probability-weighted values, ``O(T^2)`` per layer).
 * ``dots_and_acts`` keeps, besides the projections, the layer's cheap-to-store elementwise results that feed a
@@ -48,8 +46,6 @@ PROJECTION_NAME = "projection"
 ATTENTION_MATMUL_NAME = "attention_matmul"
 # Names of the layer's saved-by-name activations (``checkpoint_name`` in models/decoder.py), for ``dots_and_acts``.
 ACTIVATION_NAMES: tuple[str, ...] = ("attn_norm", "q_rope", "k_rope", "attn_out", "mlp_norm", "mlp_act")
-# LoRA dropout keep masks (decoder.Linear), bool [tokens, in]: saved by every policy but ``full`` (see above).
-DROPOUT_KEEP_NAME = "lora_dropout_keep"
 
 _save_names = jax.checkpoint_policies.save_only_these_names
 
@@ -57,7 +53,7 @@ _save_names = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": _save_names(PROJECTION_NAME, DROPOUT_KEEP_NAME),
-    "dots_saveable": _save_names(PROJECTION_NAME, ATTENTION_MATMUL_NAME, DROPOUT_KEEP_NAME),
-    "dots_and_acts": _save_names(*ACTIVATION_NAMES, PROJECTION_NAME, DROPOUT_KEEP_NAME),
+    "dots": _save_names(PROJECTION_NAME),
+    "dots_saveable": _save_names(PROJECTION_NAME, ATTENTION_MATMUL_NAME),
+    "dots_and_acts": _save_names(*ACTIVATION_NAMES, PROJECTION_NAME),
 }
