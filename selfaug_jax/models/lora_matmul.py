@@ -14,9 +14,10 @@ Why not plain autodiff (measured on XLA:CPU, SmolLM2-135M ``selfaug`` step, 4 x 
   into whatever reads the mask. So no remat policy saves the masks: the backward hashes the same positions again
   inside its own fusions, at less cost than storing a bool per element and reading it back (bench/README.md
   "Session 19": the SmolLM2 ``lora`` / ``selfaug`` steps at 4 x 256 1.5-6% faster and 14% fewer XLA temp bytes
-  than with Threefry draws saved for the backward). jax's Threefry (``jax.random.bits``, or its primitive with both output words kept, as sessions 4-18
-  did) lowers on CPU to a rolled loop whose output XLA must materialise and copy every round; written out as
-  ``uint32`` code its twenty rounds were too costly to recompute in every reader (session 18).
+  than with Threefry draws saved for the backward). jax's Threefry (``jax.random.bits``, or its primitive with
+  both output words kept, as sessions 4-18 did) lowers on CPU to a rolled loop whose output XLA must materialise
+  and copy every round; written out as ``uint32`` code its twenty rounds were too costly to recompute in every
+  reader (session 18).
 
 This project's reading of LoRA dropout (PEFT applies ``torch.nn.Dropout(p)`` to the adapter input): an element is
 kept when its 16-bit draw is ``>= round(p * 2**16)``, so the drop probability is ``p`` rounded to a multiple of
