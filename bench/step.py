@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=("auto", "xla_chunked", "dot_product", "cudnn", "splash"),
                    help="attention kernel of the forward (model.attention_impl; models/attention_kernels.py)")
     p.add_argument("--scan-unroll", type=int, default=None,
-                   help="layers per iteration of the layer scan (model.scan_unroll; default: the model default, 1)")
+                   help="layers per iteration of the layer scan (model.scan_unroll; default: the model default, 2)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=256, help="fused-loss chunk (tokens; default: SelfAugLossConfig's)")
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (a ShardingPlan, as the runner builds)")

@@ -45,8 +45,7 @@ def test_parameters_are_stacked_over_layers():
 def test_program_size_does_not_grow_with_depth():
     """The lowered step of a 12-layer model is the 4-layer one (one scanned block), not three times its size.
 
-    (4, not 2: a stack no deeper than ``scan_unroll`` runs as a plain loop; with an unroll of 2 a deeper one would
-    hold two layers per iteration.)"""
+    (4, not 2: a stack no deeper than ``scan_unroll`` (default 2) runs unrolled by 1, a deeper one by 2.)"""
     sizes = {}
     for n in (4, 12):
         loss, params = _loss_fn(DecoderLM(_config(n), remat_policy="full", rngs=nnx.Rngs(0)))

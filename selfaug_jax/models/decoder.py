@@ -41,11 +41,11 @@ from selfaug_jax.models.taps import LayerTaps, TapDict
 # holds a float32 [b, heads, t, t] score buffer per layer being computed (all layers' probabilities without remat);
 # chunks of 512 bound that by [b, heads, 512, t], which matters from a few thousand tokens on (bench/README.md).
 DEFAULT_ATTENTION_CHUNK = 512
-# Layers per iteration of the training / evaluation layer scan. Session 6 measured 2 8% faster than 1 on the
-# SmolLM2-135M selfaug step (4 x 256, fp32, XLA:CPU); on session 19's code (bench/README.md "Session 19") 1 compiled
-# in 3.2-3.6 s against 4.5-5.0 s, held 9-12% fewer XLA temp bytes, ran fp32 steps 1-2% faster and bf16 ~2% slower.
-# The 7B presets set 1 too (two layers' activations live at once otherwise; docs/SCALING.md).
-DEFAULT_SCAN_UNROLL = 1
+# Layers per iteration of the training / evaluation layer scan. 2 measured 8% faster than 1 (and 3 no faster than 1)
+# on the SmolLM2-135M selfaug step, 4 x 256, fp32, XLA:CPU, with identical losses (bench/README.md, session 6).
+# Session 19 found 1 compiling faster and fp32 steps 1-2% faster, but with 1 XLA:CPU converts a bf16 model's stacked
+# parameters to float32 whole (tests/test_models_scan_params.py fails), so bf16 runs slower: 2 stays the default.
+DEFAULT_SCAN_UNROLL = 2
 
 # The KV cache of all layers: (k [L, b, s, kv_heads, head_dim], v [L, b, s, kv_heads, head_dim]).
 KVCache = tuple[jnp.ndarray, jnp.ndarray]
